@@ -1,0 +1,49 @@
+"""errprop: how quantization error enters a neural network and propagates.
+
+Build a graph (``Sequential``, ``Residual`` and the layers), say which
+quantizer applies where (``QuantConfig``), and ``analyze`` it: the exact
+fake-quant error and its first-order prediction at every node, split by source.
+"""
+
+from ._activation import ACTIVATIONS, Activation, Softmax
+from ._analysis import analyze
+from ._attention import Attention
+from ._builders import mlp, transformer, transformer_block
+from ._config import QuantConfig, Source
+from ._graph import NodeInfo, Residual, Sequential
+from ._linear import Linear
+from ._norm import LayerNorm, RMSNorm
+from ._op import Op
+from ._quant import ErrorModel, Quantizer, Uniform, UniformGrid
+from ._report import NodeResult, Report, SourceResult, relative_residual, sqnr_db
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "Attention",
+    "ErrorModel",
+    "LayerNorm",
+    "Linear",
+    "NodeInfo",
+    "NodeResult",
+    "Op",
+    "QuantConfig",
+    "Quantizer",
+    "RMSNorm",
+    "Report",
+    "Residual",
+    "Sequential",
+    "Softmax",
+    "Source",
+    "SourceResult",
+    "Uniform",
+    "UniformGrid",
+    "analyze",
+    "mlp",
+    "relative_residual",
+    "sqnr_db",
+    "transformer",
+    "transformer_block",
+]

@@ -1,0 +1,142 @@
+"""Elementwise activations (declared as a table) and softmax."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import special
+
+from ._op import Array, Op
+
+_SQRT_2_OVER_PI = np.sqrt(2.0 / np.pi)
+_GELU_TANH_A = 0.044715
+
+
+def _phi(x: Array) -> Array:
+    return np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
+
+
+def _gelu_tanh_parts(x: Array) -> tuple[Array, Array]:
+    u = _SQRT_2_OVER_PI * (x + _GELU_TANH_A * x**3)
+    return np.tanh(u), _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_A * x * x)
+
+
+def _gelu_tanh_d1(x: Array, y: Array) -> Array:
+    t, du = _gelu_tanh_parts(x)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+
+
+def _gelu_tanh_d2(x: Array, y: Array) -> Array:
+    t, du = _gelu_tanh_parts(x)
+    sech2 = 1.0 - t * t
+    d2u = _SQRT_2_OVER_PI * 6.0 * _GELU_TANH_A * x
+    return sech2 * du + 0.5 * x * (-2.0 * t * sech2 * du * du + sech2 * d2u)
+
+
+@dataclass(frozen=True)
+class _Elementwise:
+    """``f``, ``f'`` and ``f''``; derivatives receive both ``x`` and ``y = f(x)``."""
+
+    f: Callable[[Array], Array]
+    d1: Callable[[Array, Array], Array]
+    d2: Callable[[Array, Array], Array]
+    kink: float | None = None  # location of a non-differentiable point, if any
+
+
+#: name -> (f, f', f''). Adding an activation is one entry here.
+ACTIVATIONS: dict[str, _Elementwise] = {
+    # ReLU convention: f'(0) = 0 (as PyTorch); first order is unreliable within |Δx| of 0.
+    "relu": _Elementwise(lambda x: np.maximum(x, 0.0),
+                         lambda x, y: (x > 0).astype(x.dtype),
+                         lambda x, y: np.zeros_like(x), kink=0.0),
+    "gelu": _Elementwise(lambda x: x * special.ndtr(x),
+                         lambda x, y: special.ndtr(x) + x * _phi(x),
+                         lambda x, y: _phi(x) * (2.0 - x * x)),
+    "gelu_tanh": _Elementwise(lambda x: 0.5 * x * (1.0 + _gelu_tanh_parts(x)[0]),
+                              _gelu_tanh_d1, _gelu_tanh_d2),
+    "tanh": _Elementwise(np.tanh, lambda x, y: 1.0 - y * y,
+                         lambda x, y: -2.0 * y * (1.0 - y * y)),
+    "sigmoid": _Elementwise(special.expit, lambda x, y: y * (1.0 - y),
+                            lambda x, y: y * (1.0 - y) * (1.0 - 2.0 * y)),
+    "silu": _Elementwise(lambda x: x * special.expit(x),
+                         lambda x, y: (s := special.expit(x)) * (1.0 + x * (1.0 - s)),
+                         lambda x, y: (s := special.expit(x)) * (1.0 - s)
+                         * (2.0 + x * (1.0 - 2.0 * s))),
+    "identity": _Elementwise(lambda x: x, lambda x, y: np.ones_like(x),
+                             lambda x, y: np.zeros_like(x)),
+}
+
+
+class Activation(Op):
+    """Elementwise nonlinearity ``y = f(x)``; first-order rule ``Δy = f'(x)·Δx``.
+
+    Parameters
+    ----------
+    kind : one of ``relu``, ``gelu`` (erf form), ``gelu_tanh``, ``tanh``,
+        ``sigmoid``, ``silu``, ``identity``.
+
+    Notes
+    -----
+    ReLU is not differentiable at 0; errprop uses ``f'(0) = 0``. Units whose
+    input lies within one error of 0 may flip, which is why first order
+    converges only as O(√step) through ReLU (see ``docs/theory.md``).
+    """
+
+    def __init__(self, kind: str, name: str | None = None) -> None:
+        super().__init__(name)
+        if kind not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {kind!r}; expected one of "
+                             f"{', '.join(sorted(ACTIVATIONS))}")
+        self.kind = kind
+        self.fn = ACTIVATIONS[kind]
+
+    @property
+    def prefix(self) -> str:  # type: ignore[override]
+        return self.kind
+
+    def forward(self, x: Array, params: Mapping[str, Array] | None = None) -> Array:
+        return self.fn.f(x)
+
+    def jvp(self, x, y, dx, dparams):
+        if dx is None:
+            return np.zeros_like(y)
+        return self.fn.d1(x, y) * dx
+
+    def describe(self) -> str:
+        return self.kind
+
+
+class Softmax(Op):
+    """Numerically stable softmax along ``axis`` (default the last).
+
+    Notes
+    -----
+    ``y = exp(x - max x) / Σ exp(x - max x)``; first-order rule (the softmax
+    Jacobian ``diag(y) - y yᵀ``)::
+
+        Δy = y ⊙ (Δx - Σ_k y_k Δx_k)
+    """
+
+    prefix = "softmax"
+
+    def __init__(self, axis: int = -1, name: str | None = None) -> None:
+        super().__init__(name)
+        if not isinstance(axis, (int, np.integer)) or axis >= 0:
+            raise ValueError(f"Softmax axis must be a negative integer (counted from the "
+                             f"feature axis, so leading batch/sample axes may vary), got {axis!r}")
+        self.axis = int(axis)
+
+    def forward(self, x: Array, params: Mapping[str, Array] | None = None) -> Array:
+        z = x - np.max(x, axis=self.axis, keepdims=True)
+        e = np.exp(z)
+        return e / np.sum(e, axis=self.axis, keepdims=True)
+
+    def jvp(self, x, y, dx, dparams):
+        if dx is None:
+            return np.zeros_like(y)
+        return y * (dx - np.sum(y * dx, axis=self.axis, keepdims=True))
+
+    def describe(self) -> str:
+        return f"axis={self.axis}"

@@ -1,0 +1,159 @@
+"""Multi-head scaled dot-product self-attention over the token axis."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ._linear import _matmul_t
+from ._op import Array, Op, Rule, align_sampled, as_param
+
+_WEIGHTS = ("Wq", "Wk", "Wv", "Wo")
+_BIASES = ("bq", "bk", "bv", "bo")
+
+
+class Attention(Op):
+    r"""Multi-head self-attention, weights in the ``Linear`` convention.
+
+    Parameters
+    ----------
+    Wq, Wk, Wv : arrays, shape ``(inner, d)``
+    Wo : array, shape ``(d, inner)``
+    bq, bk, bv : arrays ``(inner,)``, optional; bo : ``(d,)``, optional
+    heads : int, divides ``inner``; ``head_dim = inner / heads``
+    causal : bool, mask keys after the query position
+
+    Notes
+    -----
+    For ``x: (batch, tokens, d)`` and each head ``h``::
+
+        q = x Wqᵀ + bq,  k = x Wkᵀ + bk,  v = x Wvᵀ + bv   (split into heads)
+        S = q kᵀ / sqrt(head_dim)  (+ -inf above the diagonal if causal)
+        A = softmax(S)  over keys,   o = A v   (heads merged),   y = o Woᵀ + bo
+
+    First-order rule (product rule through each stage)::
+
+        Δq = Δx Wqᵀ + x ΔWqᵀ + Δbq          (likewise Δk, Δv)
+        ΔS = (Δq kᵀ + q Δkᵀ) / sqrt(head_dim)
+        ΔA = A ⊙ (ΔS - Σ_keys A ⊙ ΔS)
+        Δo = ΔA v + A Δv
+        Δy = Δo Woᵀ + o ΔWoᵀ + Δbo
+    """
+
+    prefix = "attn"
+    quantize_input = True
+    min_ndim = 3
+
+    def __init__(self, Wq: object, Wk: object, Wv: object, Wo: object,
+                 bq: object | None = None, bk: object | None = None,
+                 bv: object | None = None, bo: object | None = None, *,
+                 heads: int = 1, causal: bool = False, name: str | None = None) -> None:
+        super().__init__(name)
+        label = f"Attention {name!r}" if name else "Attention"
+        Wq = as_param(Wq, layer=label, param="Wq", ndim=2)
+        inner, d = Wq.shape
+        self.params["Wq"] = Wq
+        self.params["Wk"] = as_param(Wk, layer=label, param="Wk", shape=(inner, d))
+        self.params["Wv"] = as_param(Wv, layer=label, param="Wv", shape=(inner, d))
+        self.params["Wo"] = as_param(Wo, layer=label, param="Wo", shape=(d, inner))
+        for key, value, size in (("bq", bq, inner), ("bk", bk, inner), ("bv", bv, inner),
+                                 ("bo", bo, d)):
+            if value is not None:
+                self.params[key] = as_param(value, layer=label, param=key, shape=(size,))
+        for key in self.params:
+            self.param_kinds[key] = "weight" if key.startswith("W") else "bias"
+        if not isinstance(heads, (int, np.integer)) or heads < 1 or inner % heads:
+            raise ValueError(f"{label}: heads must be a positive integer dividing the inner "
+                             f"width {inner}, got {heads!r}")
+        self.heads = int(heads)
+        self.head_dim = inner // self.heads
+        self.causal = bool(causal)
+
+    @property
+    def in_features(self) -> int:
+        return int(self.params["Wq"].shape[1])
+
+    # ----------------------------------------------------------------- helpers
+    def _split(self, t: Array) -> Array:
+        """(..., T, inner) -> (..., heads, T, head_dim)"""
+        return np.swapaxes(t.reshape(*t.shape[:-1], self.heads, self.head_dim), -2, -3)
+
+    @staticmethod
+    def _merge(t: Array) -> Array:
+        """(..., heads, T, head_dim) -> (..., T, inner)"""
+        t = np.swapaxes(t, -2, -3)
+        return t.reshape(*t.shape[:-2], t.shape[-2] * t.shape[-1])
+
+    def _affine(self, x: Array, params, w: str, b: str) -> Array:
+        out = _matmul_t(x, self._p(params, w))
+        bias = self._p(params, b)
+        return out if bias is None else out + align_sampled(bias, 1, out.ndim)
+
+    def _mask(self, T: int) -> Array | None:
+        if not self.causal:
+            return None
+        return np.triu(np.ones((T, T), dtype=bool), k=1)
+
+    def _attend(self, x: Array, params) -> tuple[Array, ...]:
+        q = self._split(self._affine(x, params, "Wq", "bq"))
+        k = self._split(self._affine(x, params, "Wk", "bk"))
+        v = self._split(self._affine(x, params, "Wv", "bv"))
+        S = (q @ np.swapaxes(k, -1, -2)) / np.sqrt(self.head_dim)
+        mask = self._mask(x.shape[-2])
+        if mask is not None:
+            S = np.where(mask, -np.inf, S)
+        # max-subtraction keeps exp finite for any logit scale
+        S = S - np.max(S, axis=-1, keepdims=True)
+        E = np.exp(S)
+        A = E / np.sum(E, axis=-1, keepdims=True)
+        o = self._merge(A @ v)
+        return q, k, v, A, o
+
+    # -------------------------------------------------------------------- math
+    def forward(self, x: Array, params: Mapping[str, Array] | None = None) -> Array:
+        *_, o = self._attend(x, params)
+        return self._affine(o, params, "Wo", "bo")
+
+    def linearize(self, x: Array) -> tuple[Array, Rule]:
+        q, k, v, A, o = self._attend(x, None)
+        y = self._affine(o, None, "Wo", "bo")
+        P = self.params
+        scale = 1.0 / np.sqrt(self.head_dim)
+
+        def d_affine(dx, dparams, w, b, inp):
+            t = None if dx is None else dx @ P[w].T
+            if w in dparams:
+                t = inp @ dparams[w].T if t is None else t + inp @ dparams[w].T
+            if b in dparams:
+                db = dparams[b]
+                t = np.broadcast_to(db, (*inp.shape[:-1], db.shape[0])) if t is None else t + db
+            return t
+
+        def rule(dx, dparams):
+            dq, dk, dv = (d_affine(dx, dparams, w, b, x)
+                          for w, b in (("Wq", "bq"), ("Wk", "bk"), ("Wv", "bv")))
+            do = None
+            if dq is not None or dk is not None:
+                dS = 0.0
+                if dq is not None:
+                    dS = dS + self._split(dq) @ np.swapaxes(k, -1, -2)
+                if dk is not None:
+                    dS = dS + q @ np.swapaxes(self._split(dk), -1, -2)
+                dS = dS * scale
+                dA = A * (dS - np.sum(A * dS, axis=-1, keepdims=True))
+                do = dA @ v
+            if dv is not None:
+                do = A @ self._split(dv) if do is None else do + A @ self._split(dv)
+            dy = d_affine(None if do is None else self._merge(do), dparams, "Wo", "bo", o)
+            return np.zeros_like(y) if dy is None else np.broadcast_to(
+                dy, (*dy.shape[:dy.ndim - y.ndim], *y.shape)).copy()
+
+        return y, rule
+
+    def jvp(self, x, y, dx, dparams):
+        return self.linearize(x)[1](dx, dparams)
+
+    def describe(self) -> str:
+        inner, d = self.params["Wq"].shape
+        return f"d={d}, heads={self.heads}" + (", causal" if self.causal else "")

@@ -1,0 +1,128 @@
+"""Where quantization error enters: sources and the config that maps them to quantizers.
+
+Source names
+------------
+``"<layer>.<param>"`` for a parameter (``fc1.W``, ``fc1.b``, ``block0.attn.Wq``,
+``block0.ln1.gamma``), ``"<layer>.in"`` for the quantized input of a Linear or
+Attention layer (activation quantization), and ``"input"`` for the network input.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ._graph import Sequential, suggest
+from ._op import Op
+from ._quant import Quantizer
+
+#: QuantConfig field -> the parameter kind it quantizes.
+_PARAM_FIELDS = {"weights": "weight", "biases": "bias", "norms": "norm"}
+_FIELDS = (*_PARAM_FIELDS, "activations")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One place where error enters: a parameter, a layer input, or the network input."""
+
+    name: str
+    layer: str | None  # None for the network input
+    kind: str  # "weight" | "bias" | "norm" | "activation" | "input"
+    param: str | None  # parameter key for weight/bias/norm sources
+    quantizer: Quantizer
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Which quantizer applies to which source.
+
+    Parameters
+    ----------
+    weights, biases : quantizer or None, for the weights (Linear ``W``,
+        Attention ``Wq Wk Wv Wo``) and biases of every layer.
+    activations : quantizer or None, for the input of every Linear and
+        Attention layer. Its range is calibrated per layer on the *float*
+        activations of the analysed batch (per tensor by default), then applied
+        to the activations the quantized network actually produces.
+    input : quantizer or None, for the network input.
+    norms : quantizer or None, for LayerNorm/RMSNorm ``gamma`` and ``beta``.
+    overrides : mapping ``pattern -> {field: quantizer or None}``. A pattern is a
+        layer name or an ``fnmatch`` glob (``"block0.*"``); fields are
+        ``weights``, ``biases``, ``activations``, ``norms``. Later entries win.
+        A pattern that matches no layer is an error.
+
+    Examples
+    --------
+    >>> QuantConfig(weights=Uniform(8), overrides={"fc1": {"weights": Uniform(4)}})
+    """
+
+    weights: Quantizer | None = None
+    biases: Quantizer | None = None
+    activations: Quantizer | None = None
+    input: Quantizer | None = None
+    norms: Quantizer | None = None
+    overrides: Mapping[str, Mapping[str, Quantizer | None]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in (*_FIELDS, "input"):
+            _check_quantizer(getattr(self, key), key)
+        if not isinstance(self.overrides, Mapping):
+            raise TypeError(f"QuantConfig: overrides must be a mapping pattern -> "
+                            f"{{field: quantizer}}, got {type(self.overrides).__name__}")
+        for pattern, spec in self.overrides.items():
+            if not isinstance(pattern, str) or not pattern:
+                raise TypeError(f"QuantConfig: override keys must be layer names or globs, "
+                                f"got {pattern!r}")
+            if not isinstance(spec, Mapping):
+                raise TypeError(f"QuantConfig: override {pattern!r} must map fields "
+                                f"({', '.join(_FIELDS)}) to quantizers, got "
+                                f"{type(spec).__name__}")
+            for key, q in spec.items():
+                if key not in _FIELDS:
+                    hint = " (the network input is set with QuantConfig(input=...))" \
+                        if key == "input" else ""
+                    raise ValueError(f"QuantConfig: override {pattern!r} has unknown field "
+                                     f"{key!r}; expected one of {', '.join(_FIELDS)}{hint}")
+                _check_quantizer(q, f"overrides[{pattern!r}][{key!r}]")
+
+    def _for_layer(self, name: str) -> dict[str, Quantizer | None]:
+        chosen: dict[str, object] = {key: getattr(self, key) for key in _FIELDS}
+        for pattern, spec in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                chosen.update(spec)
+        return chosen  # type: ignore[return-value]
+
+    def sources(self, net: Sequential) -> list[Source]:
+        """All error sources of ``net`` under this config, in execution order."""
+        layers = net.layers()
+        names = [name for name, _ in layers]
+        for pattern in self.overrides:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ValueError(f"QuantConfig: override {pattern!r} matches no layer"
+                                 f"{suggest(pattern, names)}")
+        out: list[Source] = []
+        if self.input is not None:
+            out.append(Source("input", None, "input", None, self.input))
+        for name, op in layers:
+            out.extend(_layer_sources(name, op, self._for_layer(name)))
+        return out
+
+
+def _layer_sources(name: str, op: Op, chosen: Mapping[str, Quantizer | None]) -> list[Source]:
+    out = []
+    q_act = chosen["activations"]
+    if op.quantize_input and q_act is not None:
+        out.append(Source(f"{name}.in", name, "activation", None, q_act))
+    by_kind = {kind: chosen[f] for f, kind in _PARAM_FIELDS.items()}
+    for param, kind in op.param_kinds.items():
+        q = by_kind[kind]
+        if q is not None:
+            out.append(Source(f"{name}.{param}", name, kind, param, q))
+    return out
+
+
+def _check_quantizer(q: object, where: str) -> None:
+    if q is not None and not isinstance(q, Quantizer):
+        raise TypeError(f"QuantConfig: {where} must be a quantizer (e.g. Uniform(8)) or None, "
+                        f"got {type(q).__name__}")

@@ -1,0 +1,294 @@
+"""The layer graph: ``Sequential`` and ``Residual`` containers, naming, validation.
+
+The graph is data. Analysis passes are *interpreters* over it: :func:`walk`
+hands every leaf op and every residual join to an interpreter object, which
+decides what a "value" is (a float array, a value plus tangents, a batch of
+Monte Carlo samples). Containers never know which pass is running.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from ._op import Array, Op, check_local_name
+
+
+class Interpreter(Protocol):
+    def leaf(self, name: str, op: Op, state: Any) -> Any: ...
+
+    def residual(self, name: str, skip: Any, branch: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A named node of a graph, in execution order."""
+
+    name: str
+    node: Op | Residual
+    kind: str  # op class name, or "Residual"
+
+
+class _Container:
+    name: str | None
+    children: tuple[Op | _Container, ...]
+    prefix = "seq"
+
+    def _iter_children(self) -> Iterator[Op | _Container]:
+        return iter(self.children)
+
+
+class Residual(_Container):
+    """Skip connection ``y = x + f(x)`` where ``f`` is the given layers in sequence.
+
+    A Residual does not open a naming scope: its layers are named in the scope
+    of the enclosing named ``Sequential``. The Residual itself is a node (the
+    residual stream after the addition) named ``res1``, ``res2``, ... unless a
+    name is given.
+    """
+
+    prefix = "res"
+
+    def __init__(self, *layers: Op | _Container, name: str | None = None) -> None:
+        if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+            layers = tuple(layers[0])
+        check_local_name(name)
+        self.name = name
+        self.children = _check_children(layers, "Residual")
+
+
+class Sequential(_Container):
+    """Layers applied in order; ``net(x)`` is the float forward.
+
+    Parameters
+    ----------
+    layers : sequence of ops / containers
+    name : str, optional. A named Sequential opens a naming scope: its layers
+        are called ``<name>.<layer>`` (e.g. ``block0.mlp.fc1``).
+
+    Unnamed layers get readable derived names, counted per kind inside the
+    scope: ``fc1, fc2`` (Linear), ``relu1`` / ``gelu1`` (Activation), ``ln1``
+    (LayerNorm), ``rms1``, ``softmax1``, ``attn1``, ``res1`` (Residual).
+    Shapes are checked when the graph is built.
+    """
+
+    def __init__(self, layers: Sequence[Op | _Container], name: str | None = None) -> None:
+        if isinstance(layers, (Op, _Container)):
+            raise TypeError("Sequential takes a list of layers: Sequential([layer1, layer2, ...])")
+        check_local_name(name)
+        self.name = name
+        self.children = _check_children(tuple(layers), "Sequential")
+        self._infos = _assign_names(self)
+        self._by_name = {info.name: info for info in self._infos}
+        self._names = {id(info.node): info.name for info in self._infos}
+        self.in_features, self.out_features = _check_shapes(self, None, self._names)
+        self.min_ndim = max((info.node.min_ndim for info in self._infos
+                             if isinstance(info.node, Op)), default=2)
+
+    # ---------------------------------------------------------------- access
+    def nodes(self) -> list[NodeInfo]:
+        """All named nodes (ops and residual joins) in execution order."""
+        return list(self._infos)
+
+    def layers(self) -> list[tuple[str, Op]]:
+        """``(name, op)`` for every leaf op, in execution order."""
+        return [(i.name, i.node) for i in self._infos if isinstance(i.node, Op)]
+
+    def __getitem__(self, name: str) -> Op | Residual:
+        try:
+            return self._by_name[name].node
+        except KeyError:
+            raise KeyError(unknown_name_message("node", name, list(self._by_name))) from None
+
+    def name_of(self, node: Op | Residual) -> str:
+        return self._names[id(node)]
+
+    def num_params(self) -> int:
+        return sum(op.num_params() for _, op in self.layers())
+
+    # ---------------------------------------------------------------- run
+    def __call__(self, x: object) -> Array:
+        x = check_input(self, x)
+        return walk(self, x, _FloatForward())
+
+    def __repr__(self) -> str:
+        lines = [f"Sequential({self.name!r})" if self.name else "Sequential"]
+        for info in self._infos:
+            desc = info.node.describe() if isinstance(info.node, Op) else "x + f(x)"
+            lines.append(f"  {info.name:<24} {info.kind:<10} {desc}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ walking
+def walk(root: Sequential, state: Any, interp: Interpreter) -> Any:
+    """Run ``interp`` over the graph rooted at ``root`` (execution order)."""
+    names = root._names
+
+    def run(node, s):
+        if isinstance(node, Op):
+            return interp.leaf(names[id(node)], node, s)
+        if isinstance(node, Residual):
+            branch = s
+            for child in node.children:
+                branch = run(child, branch)
+            return interp.residual(names[id(node)], s, branch)
+        for child in node.children:
+            s = run(child, s)
+        return s
+
+    return run(root, state)
+
+
+class _FloatForward:
+    def leaf(self, name, op, x):
+        return op.forward(x)
+
+    def residual(self, name, skip, branch):
+        return skip + branch
+
+
+# ------------------------------------------------------------------ checks
+def _check_children(layers: tuple, where: str) -> tuple:
+    if not layers:
+        raise ValueError(f"{where} needs at least one layer")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, (Op, _Container)):
+            raise TypeError(f"{where}: layer {i} is a {type(layer).__name__}, expected an errprop "
+                            f"layer (Linear, Activation, Attention, ...) or container")
+    return layers
+
+
+def _assign_names(root: Sequential) -> list[NodeInfo]:
+    """Give every node a unique full name; explicit names win over derived ones."""
+    seen: set[int] = set()
+    explicit: set[str] = set()
+
+    def collect(node, scope):
+        if id(node) in seen:
+            raise ValueError(f"layer {node!r} appears twice in the graph; build a new layer "
+                             f"object for each position (parameters may be shared by value)")
+        seen.add(id(node))
+        if node.name is not None and not (isinstance(node, Sequential)):
+            full = scope + node.name
+            if full in explicit:
+                raise ValueError(f"duplicate layer name {full!r}")
+            explicit.add(full)
+        if isinstance(node, _Container):
+            inner = scope + node.name + "." if isinstance(node, Sequential) and node.name \
+                else scope
+            for child in node.children:
+                collect(child, inner)
+
+    root_scope = root.name + "." if root.name else ""
+    seen.add(id(root))
+    for child in root.children:
+        collect(child, root_scope)
+
+    infos: list[NodeInfo] = []
+    counters: dict[tuple[str, str], int] = {}
+
+    def derive(node, scope):
+        if node.name is not None:
+            return scope + node.name
+        key = (scope, node.prefix)
+        while True:
+            counters[key] = counters.get(key, 0) + 1
+            full = f"{scope}{node.prefix}{counters[key]}"
+            if full not in explicit:
+                explicit.add(full)
+                return full
+
+    def visit(node, scope):
+        if isinstance(node, Op):
+            infos.append(NodeInfo(derive(node, scope), node, type(node).__name__))
+        elif isinstance(node, Residual):
+            name = derive(node, scope)  # reserve in order of appearance
+            for child in node.children:
+                visit(child, scope)
+            infos.append(NodeInfo(name, node, "Residual"))
+        else:
+            inner = scope + node.name + "." if node.name else scope
+            for child in node.children:
+                visit(child, inner)
+
+    for child in root.children:
+        visit(child, root_scope)
+    return infos
+
+
+def _check_shapes(node, features: int | None, names: dict[int, str]) -> tuple[int | None,
+                                                                                int | None]:
+    """Propagate the feature size through ``node``; returns (in_features, out_features)."""
+    first_in: list[int | None] = [None]
+
+    def run(n, f, prev):
+        if isinstance(n, Op):
+            need = n.in_features
+            if need is not None:
+                if f is not None and f != need:
+                    after = f", but the previous layer {prev!r} outputs {f}" if prev else \
+                        f", got {f}"
+                    raise ValueError(f"{type(n).__name__} {names.get(id(n), n.name)!r} expects "
+                                     f"inputs with {need} features{after}")
+                if f is None and first_in[0] is None:
+                    first_in[0] = need
+            return n.out_features(f if f is not None else need), names.get(id(n), n.name)
+        if isinstance(n, Residual):
+            out, last = f, prev
+            for child in n.children:
+                out, last = run(child, out, last)
+            if f is not None and out is not None and out != f:
+                raise ValueError(f"Residual {names.get(id(n), n.name)!r}: its layers map {f} "
+                                 f"features to {out}; a skip connection needs equal sizes")
+            return (out if f is None else f), names.get(id(n), n.name)
+        for child in n.children:
+            f, prev = run(child, f, prev)
+        return f, prev
+
+    out, _ = run(node, features, None)
+    return first_in[0], out
+
+
+def suggest(name: str, known: list[str]) -> str:
+    """``"; did you mean 'x'?"`` for a close match, else a short list of the known names."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    if close:
+        return f"; did you mean {' or '.join(repr(c) for c in close)}?"
+    return f"; known: {', '.join(known[:12])}{' ...' if len(known) > 12 else ''}"
+
+
+def unknown_name_message(what: str, name: str, known: list[str]) -> str:
+    return f"no {what} named {name!r}{suggest(name, known)}"
+
+
+def check_input(net: Sequential, x: object, *, what: str = "input x") -> Array:
+    """Validate a network input and return it as float64."""
+    if not isinstance(net, Sequential):
+        raise TypeError(f"expected an errprop Sequential network, got {type(net).__name__}")
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} must be a numeric array, got {type(x).__name__}") from exc
+    first = net.layers()[0][0]
+    if arr.ndim < net.min_ndim:
+        if net.min_ndim == 3:
+            raise ValueError(f"{what} must have shape (batch, tokens, features) because the "
+                             f"network contains attention, got {arr.shape}")
+        raise ValueError(f"{what} must have shape (batch, features) or (batch, tokens, "
+                         f"features), got {arr.shape}")
+    if arr.ndim > 3:
+        raise ValueError(f"{what} must have shape (batch, features) or (batch, tokens, "
+                         f"features), got {arr.shape}")
+    if net.in_features is not None and arr.shape[-1] != net.in_features:
+        raise ValueError(f"first layer {first!r} expects inputs with {net.in_features} features, "
+                         f"got {what} of shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{what} is empty (shape {arr.shape})")
+    if not np.all(np.isfinite(arr)):
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        raise ValueError(f"{what} contains {bad} NaN/Inf value(s)")
+    return arr

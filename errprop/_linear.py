@@ -1,0 +1,82 @@
+"""Linear layer, PyTorch convention ``y = x @ W.T + b``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ._op import Array, Op, align_sampled, as_param
+
+
+def _matmul_t(x: Array, W: Array) -> Array:
+    """``x @ W.T`` for ``x: (..., in)`` and ``W: (out, in)`` or ``(S, out, in)``.
+
+    A weight with a leading sample axis ``S`` pairs with the leading axis of
+    ``x`` (Monte Carlo draws one weight per sample).
+    """
+    if W.ndim == 2:
+        return x @ W.T
+    extra = x.ndim - 2  # axes between the sample axis and the feature axis
+    Wt = np.swapaxes(W, -1, -2).reshape(W.shape[0], *([1] * (extra - 1)), W.shape[2], W.shape[1])
+    return x @ Wt
+
+
+class Linear(Op):
+    r"""Affine map ``y = x Wᵀ + b``.
+
+    Parameters
+    ----------
+    W : array, shape ``(out, in)``
+    b : array, shape ``(out,)``, optional
+    name : str, optional
+
+    Notes
+    -----
+    First-order rule (exact: the map is bilinear in ``(x, W)``, so the only
+    neglected term is the second-order ``ΔW·Δx``)::
+
+        Δy = Δx Wᵀ + x ΔWᵀ + Δb
+    """
+
+    prefix = "fc"
+    quantize_input = True
+
+    def __init__(self, W: object, b: object | None = None, name: str | None = None) -> None:
+        super().__init__(name)
+        label = f"Linear {name!r}" if name else "Linear"
+        W = as_param(W, layer=label, param="W", ndim=2)
+        self.params["W"] = W
+        self.param_kinds["W"] = "weight"
+        if b is not None:
+            self.params["b"] = as_param(b, layer=label, param="b", shape=(W.shape[0],))
+            self.param_kinds["b"] = "bias"
+
+    @property
+    def in_features(self) -> int:
+        return int(self.params["W"].shape[1])
+
+    def out_features(self, in_features: int | None) -> int:
+        return int(self.params["W"].shape[0])
+
+    def forward(self, x: Array, params: Mapping[str, Array] | None = None) -> Array:
+        W = self._p(params, "W")
+        b = self._p(params, "b")
+        y = _matmul_t(x, W)
+        if b is not None:
+            y = y + align_sampled(b, 1, y.ndim)
+        return y
+
+    def jvp(self, x, y, dx, dparams):
+        W = self.params["W"]
+        dy = None if dx is None else dx @ W.T
+        if "W" in dparams:
+            t = x @ dparams["W"].T
+            dy = t if dy is None else dy + t
+        if "b" in dparams:
+            dy = (np.zeros_like(y) if dy is None else dy) + dparams["b"]
+        return np.zeros_like(y) if dy is None else dy
+
+    def describe(self) -> str:
+        out, inp = self.params["W"].shape
+        return f"{inp}->{out}" + ("" if "b" in self.params else ", no bias")

@@ -1,0 +1,127 @@
+"""Normalization layers over the feature (last) axis: LayerNorm and RMSNorm."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ._op import Array, Op, align_sampled, as_param
+
+
+def _mean(a: Array) -> Array:
+    return np.mean(a, axis=-1, keepdims=True)
+
+
+class LayerNorm(Op):
+    r"""Layer normalization over the last axis.
+
+    Parameters
+    ----------
+    gamma, beta : arrays, shape ``(d,)``
+    eps : float, default 1e-5 (PyTorch's)
+
+    Notes
+    -----
+    ``x̂ = (x - μ) / σ_ε`` with ``σ_ε = sqrt(Var x + eps)`` (biased variance),
+    ``y = γ ⊙ x̂ + β``. First-order rule, exact including ``eps``::
+
+        Δx̂ = (Δx - mean(Δx) - x̂ ⊙ mean(x̂ ⊙ Δx)) / σ_ε
+        Δy = γ ⊙ Δx̂ + Δγ ⊙ x̂ + Δβ
+
+    With (near-)constant input ``σ_ε → sqrt(eps)`` and the gain ``1/σ_ε`` can
+    be as large as ``1/sqrt(eps)``: first order then describes a very steep
+    map; the validity diagnostics flag it.
+    """
+
+    prefix = "ln"
+
+    def __init__(self, gamma: object, beta: object, eps: float = 1e-5,
+                 name: str | None = None) -> None:
+        super().__init__(name)
+        label = f"LayerNorm {name!r}" if name else "LayerNorm"
+        gamma = as_param(gamma, layer=label, param="gamma", ndim=1)
+        self.params["gamma"] = gamma
+        self.params["beta"] = as_param(beta, layer=label, param="beta", shape=gamma.shape)
+        self.param_kinds.update(gamma="norm", beta="norm")
+        if not (np.isfinite(eps) and eps > 0):
+            raise ValueError(f"{label}: eps must be a positive finite number, got {eps!r}")
+        self.eps = float(eps)
+
+    @property
+    def in_features(self) -> int:
+        return int(self.params["gamma"].shape[0])
+
+    def _normalize(self, x: Array) -> tuple[Array, Array]:
+        xc = x - _mean(x)
+        sigma = np.sqrt(_mean(xc * xc) + self.eps)
+        return xc / sigma, sigma
+
+    def forward(self, x: Array, params: Mapping[str, Array] | None = None) -> Array:
+        xhat, _ = self._normalize(x)
+        gamma = align_sampled(self._p(params, "gamma"), 1, x.ndim)
+        beta = align_sampled(self._p(params, "beta"), 1, x.ndim)
+        return gamma * xhat + beta
+
+    def jvp(self, x, y, dx, dparams):
+        xhat, sigma = self._normalize(x)
+        dy = np.zeros_like(y)
+        if dx is not None:
+            dxhat = (dx - _mean(dx) - xhat * _mean(xhat * dx)) / sigma
+            dy = self.params["gamma"] * dxhat
+        if "gamma" in dparams:
+            dy = dy + dparams["gamma"] * xhat
+        if "beta" in dparams:
+            dy = dy + dparams["beta"]
+        return dy
+
+    def describe(self) -> str:
+        return f"d={self.in_features}, eps={self.eps:g}"
+
+
+class RMSNorm(Op):
+    r"""Root-mean-square normalization over the last axis.
+
+    Parameters
+    ----------
+    gamma : array, shape ``(d,)``
+    eps : float, default 1e-6
+
+    Notes
+    -----
+    ``r = sqrt(mean(x²) + eps)``, ``y = γ ⊙ x / r``. First-order rule::
+
+        Δy = γ ⊙ (Δx - (x/r) ⊙ mean((x/r) ⊙ Δx)) / r + Δγ ⊙ x / r
+    """
+
+    prefix = "rms"
+
+    def __init__(self, gamma: object, eps: float = 1e-6, name: str | None = None) -> None:
+        super().__init__(name)
+        label = f"RMSNorm {name!r}" if name else "RMSNorm"
+        self.params["gamma"] = as_param(gamma, layer=label, param="gamma", ndim=1)
+        self.param_kinds["gamma"] = "norm"
+        if not (np.isfinite(eps) and eps > 0):
+            raise ValueError(f"{label}: eps must be a positive finite number, got {eps!r}")
+        self.eps = float(eps)
+
+    @property
+    def in_features(self) -> int:
+        return int(self.params["gamma"].shape[0])
+
+    def forward(self, x: Array, params: Mapping[str, Array] | None = None) -> Array:
+        r = np.sqrt(_mean(x * x) + self.eps)
+        return align_sampled(self._p(params, "gamma"), 1, x.ndim) * (x / r)
+
+    def jvp(self, x, y, dx, dparams):
+        r = np.sqrt(_mean(x * x) + self.eps)
+        xn = x / r
+        dy = np.zeros_like(y)
+        if dx is not None:
+            dy = self.params["gamma"] * (dx - xn * _mean(xn * dx)) / r
+        if "gamma" in dparams:
+            dy = dy + dparams["gamma"] * xn
+        return dy
+
+    def describe(self) -> str:
+        return f"d={self.in_features}, eps={self.eps:g}"

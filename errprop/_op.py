@@ -1,0 +1,144 @@
+"""The abstract op: an exact forward and its first-order rule, side by side.
+
+Every layer of an errprop graph is an :class:`Op`. An op declares
+
+* its parameters (``params``: name -> float64 array) and what kind of error
+  source each one is (``param_kinds``: ``"weight"``, ``"bias"`` or ``"norm"``),
+* ``forward(x, params)``: the exact float computation,
+* ``jvp(x, y, dx, dparams)``: the first-order rule, i.e. the directional
+  derivative ``dy = J_x(x)·dx + Σ_p J_p(x)·dp`` evaluated at ``x`` with the
+  forward output ``y`` already at hand.
+
+Tangents may carry leading *direction* axes: ``dx`` has shape
+``(K, *x.shape)`` (one slice per error source) and the rule returns
+``(K, *y.shape)``. A missing entry in ``dparams`` means an exactly zero
+tangent; ``dx=None`` likewise. The analysis passes (exact, first order, Monte
+Carlo) are interpreters that only call these two methods.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import ClassVar
+
+import numpy as np
+
+Array = np.ndarray
+Rule = Callable[[Array | None, Mapping[str, Array]], Array]
+
+PARAM_KINDS = ("weight", "bias", "norm")
+
+
+def as_param(value: object, *, layer: str, param: str, shape: tuple[int, ...] | None = None,
+             ndim: int | None = None) -> Array:
+    """Convert a user parameter to a finite float64 array, or raise a clear error."""
+    try:
+        arr = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{layer}: parameter '{param}' must be a numeric array, "
+                        f"got {type(value).__name__}") from exc
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{layer}: parameter '{param}' must have {ndim} dimension(s), "
+                         f"got shape {arr.shape}")
+    if shape is not None and arr.shape != shape:
+        raise ValueError(f"{layer}: parameter '{param}' must have shape {shape}, got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise ValueError(f"{layer}: parameter '{param}' contains {bad} NaN/Inf value(s)")
+    return arr
+
+
+def check_local_name(name: str | None) -> None:
+    """A node's own name: a non-empty string that is not a path or a glob."""
+    if name is not None and (not isinstance(name, str) or not name or "." in name
+                             or any(c in name for c in "*?[]")):
+        raise ValueError(f"layer name must be a non-empty string without '.', '*', '?', '[' "
+                         f"or ']', got {name!r}")
+
+
+class Op(ABC):
+    """One layer: parameters, exact forward, first-order rule.
+
+    Subclasses set ``prefix`` (used to derive a readable name when none is
+    given) and ``quantize_input`` (whether activation quantization applies to
+    this layer's input, as for Linear and Attention).
+    """
+
+    prefix: ClassVar[str] = "op"
+    quantize_input: ClassVar[bool] = False
+
+    def __init__(self, name: str | None = None) -> None:
+        check_local_name(name)
+        self.name = name
+        self.params: dict[str, Array] = {}
+        self.param_kinds: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def in_features(self) -> int | None:
+        """Feature size expected on the last input axis, or None if any size works."""
+        return None
+
+    def out_features(self, in_features: int | None) -> int | None:
+        """Feature size of the output given that of the input."""
+        return in_features
+
+    min_ndim: ClassVar[int] = 2
+
+    # ------------------------------------------------------------------ math
+    @abstractmethod
+    def forward(self, x: Array, params: Mapping[str, Array] | None = None) -> Array:
+        """Exact forward. ``params`` overrides ``self.params`` (e.g. quantized ones)."""
+
+    @abstractmethod
+    def jvp(self, x: Array, y: Array, dx: Array | None,
+            dparams: Mapping[str, Array]) -> Array:
+        """First-order rule at ``x`` (with ``y = forward(x)``).
+
+        ``dx``: ``None`` or shape ``(*lead, *x.shape)``; ``dparams``: name ->
+        tangent of that parameter (same shape). Returns ``(*lead, *y.shape)``
+        (``lead`` empty when ``dx`` is None).
+        """
+
+    def linearize(self, x: Array) -> tuple[Array, Rule]:
+        """Forward output and the first-order rule closed over any intermediates."""
+        y = self.forward(x)
+        return y, lambda dx, dparams: self.jvp(x, y, dx, dparams)
+
+    # ------------------------------------------------------------------ misc
+    def _p(self, params: Mapping[str, Array] | None, key: str) -> Array | None:
+        if params is None:
+            return self.params.get(key)
+        return params.get(key, self.params.get(key))
+
+    def describe(self) -> str:
+        """Short human-readable description (used in reports)."""
+        return type(self).__name__
+
+    def num_params(self) -> int:
+        return int(sum(p.size for p in self.params.values()))
+
+    def __repr__(self) -> str:
+        label = f"{self.name!r}, " if self.name else ""
+        return f"{type(self).__name__}({label}{self.describe()})"
+
+
+def lead_shape(dx: Array | None, x: Array) -> tuple[int, ...]:
+    """Leading direction axes of a tangent relative to its primal."""
+    if dx is None:
+        return ()
+    return dx.shape[: dx.ndim - x.ndim]
+
+
+
+def align_sampled(p: Array, base_ndim: int, x_ndim: int) -> Array:
+    """Broadcast a parameter that may carry a leading sample axis against ``x``.
+
+    ``p`` has ``base_ndim`` axes, or one more (a leading sample axis ``S`` that
+    pairs with the first axis of ``x``); the latter is reshaped to
+    ``(S, 1, ..., 1, *p.shape[1:])`` so it lines up with ``x: (S, ..., features)``.
+    """
+    if p.ndim == base_ndim:
+        return p
+    return p.reshape(p.shape[0], *([1] * (x_ndim - 1 - base_ndim)), *p.shape[1:])

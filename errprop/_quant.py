@@ -1,0 +1,276 @@
+"""Uniform quantizers and their per-element error models.
+
+A :class:`Uniform` quantizer is a *recipe* (bits, symmetry, granularity,
+rounding, clipping rule, scale rule). Fitting it to a tensor gives a
+:class:`UniformGrid`: the concrete scale, zero point and integer range. The
+grid quantizes (``grid.quantize(x)``) and describes its own error
+(``grid.error_model(x)``) element by element.
+
+Fitting and applying are separate on purpose: activation grids are
+calibrated on the float activations and then applied to activations that
+upstream error has already moved, exactly as a deployed integer kernel does.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._op import Array
+
+ROUNDINGS = ("nearest", "stochastic", "floor")
+GRANULARITIES = ("tensor", "channel", "group")
+CLIPS = ("minmax", "percentile", "mse")
+SCALES = ("float", "pow2")
+
+
+@dataclass(frozen=True)
+class ErrorModel:
+    """Per-element model of the quantization error ``e = Q(x) - x``.
+
+    Attributes
+    ----------
+    max_abs : array, the bound ``|e| ≤ max_abs`` (exact, not a model).
+    mean, var : arrays, the mean and variance of ``e`` under the noise model:
+        for round-to-nearest the classic uniform model ``E e = 0``,
+        ``Var e = s²/12``; for stochastic rounding the exact law given the
+        value (``Var e = p(1-p)s²``); for floor ``E e = -s/2``, ``Var e = s²/12``.
+        Clipped elements carry their exact, deterministic clipping error
+        (``mean = e``, ``var = 0``).
+    clipped : bool array, the elements outside the representable range.
+    """
+
+    max_abs: Array
+    mean: Array
+    var: Array
+    clipped: Array
+
+
+class Quantizer(ABC):
+    """A quantization recipe: ``fit`` it to a tensor to get a grid."""
+
+    @abstractmethod
+    def fit(self, x: Array, *, channel_axis: int = 0, what: str = "tensor") -> UniformGrid:
+        """Calibrate on ``x`` (the grid's scale and range come from ``x``)."""
+
+    def quantize(self, x: object, *, channel_axis: int = 0, rng: np.random.Generator | None
+                 = None) -> Array:
+        """Fit to ``x`` and return ``Q(x)`` (float64, the dequantized values)."""
+        arr = np.asarray(x, dtype=np.float64)
+        return self.fit(arr, channel_axis=channel_axis).quantize(arr, rng=rng)
+
+
+@dataclass(frozen=True, eq=False)
+class UniformGrid:
+    """A fitted uniform grid: ``Q(x) = s · (clip(round(x/s) + z, qmin, qmax) - z)``.
+
+    ``scale`` and ``zero_point`` broadcast against the tensor they were fitted on.
+    """
+
+    scale: Array
+    zero_point: Array
+    qmin: int
+    qmax: int
+    rounding: str
+
+    @property
+    def lo(self) -> Array:
+        """Smallest representable value (per scale group)."""
+        return (self.qmin - self.zero_point) * self.scale
+
+    @property
+    def hi(self) -> Array:
+        """Largest representable value (per scale group)."""
+        return (self.qmax - self.zero_point) * self.scale
+
+    def quantize(self, x: Array, *, rng: np.random.Generator | None = None) -> Array:
+        """Round ``x`` onto the grid (values outside the range are clipped)."""
+        u = x / self.scale
+        if self.rounding == "nearest":
+            q = np.rint(u)  # round half to even, as PyTorch and IEEE
+        elif self.rounding == "floor":
+            q = np.floor(u)
+        else:
+            if rng is None:
+                raise ValueError("stochastic rounding needs a random generator: pass rng= "
+                                 "(numpy.random.Generator) or a seed to the analysis")
+            q = np.floor(u + rng.random(u.shape))
+        q = np.clip(q + self.zero_point, self.qmin, self.qmax)
+        return (q - self.zero_point) * self.scale
+
+    def error_model(self, x: Array) -> ErrorModel:
+        """Per-element error model of quantizing ``x`` with this grid."""
+        s = np.broadcast_to(self.scale, x.shape)
+        lo, hi = np.broadcast_to(self.lo, x.shape), np.broadcast_to(self.hi, x.shape)
+        clipped = (x < lo) | (x > hi)
+        clip_err = np.clip(x, lo, hi) - x
+        if self.rounding == "nearest":
+            max_abs, mean, var = s / 2, np.zeros_like(x), s * s / 12
+        elif self.rounding == "floor":
+            max_abs, mean, var = s.copy(), -s / 2, s * s / 12
+        else:
+            p = x / s - np.floor(x / s)
+            max_abs = np.where(p > 0, np.maximum(p, 1 - p) * s, 0.0)
+            mean, var = np.zeros_like(x), p * (1 - p) * s * s
+        return ErrorModel(max_abs=np.where(clipped, np.abs(clip_err), max_abs),
+                          mean=np.where(clipped, clip_err, mean),
+                          var=np.where(clipped, 0.0, var), clipped=clipped)
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"Uniform: {name} must be one of {', '.join(map(repr, allowed))}, "
+                         f"got {value!r}")
+    return str(value)
+
+
+class Uniform(Quantizer):
+    """Uniform integer quantizer.
+
+    Parameters
+    ----------
+    bits : int, 2..16.
+    symmetric : bool, default True. Symmetric grids have zero point 0 and, by
+        default, the *restricted* range ``[-(2^(b-1)-1), 2^(b-1)-1]`` with
+        ``scale = max|x| / (2^(b-1)-1)``. Asymmetric grids use ``[0, 2^b-1]``,
+        ``scale = (max - min) / (2^b-1)`` over a range widened to contain 0,
+        and ``zero_point = round(-min/scale)``.
+    granularity : ``"tensor"``, ``"channel"`` (one scale per index of the
+        channel axis: output rows of a weight, features of an activation) or
+        ``"group"`` (``group_size`` consecutive elements of the last axis).
+    group_size : int, required for ``"group"``; must divide the last axis.
+    rounding : ``"nearest"`` (half to even), ``"stochastic"`` (unbiased,
+        needs a random generator), or ``"floor"``.
+    clip : ``"minmax"`` (the range is the data's), ``"percentile"`` (the
+        ``percentile`` of ``|x|``, or of ``x`` on both tails when asymmetric), or
+        ``"mse"`` (the clipping ratio in ``[0.3, 1]`` that minimises the
+        squared quantization error, searched per scale group).
+    scale : ``"float"`` or ``"pow2"`` (rounded *up* to a power of two, so the
+        range never shrinks).
+    restricted_range : bool, default True (symmetric only). False uses the full
+        range ``[-2^(b-1), 2^(b-1)-1]`` with ``scale = max|x| / ((2^b-1)/2)``,
+        PyTorch's symmetric observer rule.
+    percentile : float in (0, 100], for ``clip="percentile"``.
+    """
+
+    def __init__(self, bits: int, symmetric: bool = True, granularity: str = "tensor",
+                 group_size: int | None = None, rounding: str = "nearest", clip: str = "minmax",
+                 scale: str = "float", *, restricted_range: bool = True,
+                 percentile: float = 99.99) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) \
+                or not 2 <= bits <= 16:
+            raise ValueError(f"Uniform: bits must be an integer from 2 to 16, got {bits!r}")
+        self.bits = int(bits)
+        self.symmetric = bool(symmetric)
+        self.granularity = _check_choice("granularity", granularity, GRANULARITIES)
+        self.rounding = _check_choice("rounding", rounding, ROUNDINGS)
+        self.clip = _check_choice("clip", clip, CLIPS)
+        self.scale = _check_choice("scale", scale, SCALES)
+        if self.granularity == "group":
+            if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
+                    or group_size < 1:
+                raise ValueError(f"Uniform: granularity='group' needs a positive integer "
+                                 f"group_size, got {group_size!r}")
+        elif group_size is not None:
+            raise ValueError(f"Uniform: group_size is only used with granularity='group' "
+                             f"(got granularity={granularity!r})")
+        self.group_size = None if group_size is None else int(group_size)
+        if not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
+            raise ValueError(f"Uniform: percentile must be in (0, 100], got {percentile!r}")
+        self.percentile = float(percentile)
+        self.restricted_range = bool(restricted_range)
+        if self.symmetric:
+            half = 2 ** (self.bits - 1)
+            self.qmin = -(half - 1) if self.restricted_range else -half
+            self.qmax = half - 1
+        else:
+            self.qmin, self.qmax = 0, 2 ** self.bits - 1
+
+    # ----------------------------------------------------------------- fitting
+    def _groups(self, x: Array, channel_axis: int, what: str) -> tuple[Array, tuple[int, ...]]:
+        """Return a view of ``x`` whose axes to reduce over are listed second."""
+        if self.granularity == "tensor" or x.ndim == 0:
+            return x, tuple(range(x.ndim))
+        if self.granularity == "channel":
+            ax = channel_axis % x.ndim
+            return x, tuple(i for i in range(x.ndim) if i != ax)
+        g = self.group_size
+        if x.shape[-1] % g:
+            raise ValueError(f"Uniform: group_size {g} does not divide the last axis of "
+                             f"{what} (shape {x.shape})")
+        xg = x.reshape(*x.shape[:-1], x.shape[-1] // g, g)
+        return xg, (xg.ndim - 1,)
+
+    def _range(self, xg: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
+        if self.clip == "percentile" and self.percentile < 100:
+            if self.symmetric:
+                a = np.percentile(np.abs(xg), self.percentile, axis=axes, keepdims=True)
+                return -a, a
+            return (np.percentile(xg, 100 - self.percentile, axis=axes, keepdims=True),
+                    np.percentile(xg, self.percentile, axis=axes, keepdims=True))
+        if self.symmetric:
+            a = np.max(np.abs(xg), axis=axes, keepdims=True)
+            return -a, a
+        return (np.min(xg, axis=axes, keepdims=True), np.max(xg, axis=axes, keepdims=True))
+
+    def _grid_for(self, lo: Array, hi: Array) -> tuple[Array, Array]:
+        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+        if self.symmetric:
+            amax = np.maximum(-lo, hi)
+            denom = self.qmax if self.restricted_range else (self.qmax - self.qmin) / 2
+            scale = amax / denom
+        else:
+            scale = (hi - lo) / (self.qmax - self.qmin)
+        # an all-zero group is represented exactly by any scale
+        scale = np.where(scale > 0, scale, 1.0)
+        if self.scale == "pow2":
+            scale = np.exp2(np.ceil(np.log2(scale)))
+        if self.symmetric:
+            zero = np.zeros_like(scale)
+        else:
+            zero = np.clip(np.rint(-lo / scale), self.qmin, self.qmax)
+        return scale, zero
+
+    def fit(self, x: Array, *, channel_axis: int = 0, what: str = "tensor") -> UniformGrid:
+        x = np.asarray(x, dtype=np.float64)
+        if x.size == 0:
+            raise ValueError(f"Uniform: cannot fit a quantizer to empty {what} (shape {x.shape})")
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"Uniform: {what} contains NaN/Inf; cannot fit a quantizer")
+        xg, axes = self._groups(x, channel_axis, what)
+        lo, hi = self._range(xg, axes)
+        scale, zero = self._grid_for(lo, hi)
+        if self.clip == "mse":
+            best = np.full(scale.shape, np.inf)
+            for ratio in np.linspace(0.3, 1.0, 36):
+                s, z = self._grid_for(lo * ratio, hi * ratio)
+                err = UniformGrid(s, z, self.qmin, self.qmax, "nearest").quantize(xg) - xg
+                mse = np.sum(err * err, axis=axes, keepdims=True)
+                better = mse < best
+                best = np.where(better, mse, best)
+                scale, zero = np.where(better, s, scale), np.where(better, z, zero)
+        if self.granularity == "group" and x.ndim > 0:
+            scale = np.repeat(scale, self.group_size, axis=-1).reshape(x.shape)
+            zero = np.repeat(zero, self.group_size, axis=-1).reshape(x.shape)
+        return UniformGrid(scale, zero, self.qmin, self.qmax, self.rounding)
+
+    # -------------------------------------------------------------------- misc
+    def __repr__(self) -> str:
+        parts = [str(self.bits)]
+        defaults = dict(symmetric=True, granularity="tensor", group_size=None,
+                        rounding="nearest", clip="minmax", scale="float", restricted_range=True)
+        for key, default in defaults.items():
+            value = getattr(self, key)
+            if value != default:
+                parts.append(f"{key}={value!r}")
+        if self.clip == "percentile":
+            parts.append(f"percentile={self.percentile!r}")
+        return f"Uniform({', '.join(parts)})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Uniform) and repr(self) == repr(other)
+
+    def __hash__(self) -> int:
+        return hash(repr(self))

@@ -1,0 +1,178 @@
+"""Results of an analysis: per node, per source, and a readable table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ._graph import unknown_name_message
+from ._op import Array
+from ._quant import ErrorModel, UniformGrid
+
+if TYPE_CHECKING:
+    from ._config import QuantConfig, Source
+
+
+def _rms(a: Array) -> float:
+    return float(np.sqrt(np.mean(np.square(a)))) if np.size(a) else 0.0
+
+
+def relative_residual(exact: Array, first_order: Array) -> float:
+    """``‖exact − first_order‖ / ‖exact‖`` (0 when both vanish, inf when only exact does)."""
+    num = float(np.linalg.norm(np.ravel(exact - first_order)))
+    den = float(np.linalg.norm(np.ravel(exact)))
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / den
+
+
+def sqnr_db(value: Array, error: Array) -> float:
+    """``20·log10(‖y‖ / ‖Δy‖)`` in dB, the definition of PyTorch's numeric suite."""
+    err = float(np.linalg.norm(np.ravel(error)))
+    sig = float(np.linalg.norm(np.ravel(value)))
+    if err == 0.0:
+        return float("inf")
+    if sig == 0.0:
+        return float("-inf")
+    return 20.0 * float(np.log10(sig / err))
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """Errors at one node of the graph.
+
+    Attributes
+    ----------
+    name, kind : the node's full name and op type (``"Residual"`` for a join).
+    value : the float output of the node.
+    exact : fake-quantized minus float output.
+    first_order : the first-order prediction of ``exact``.
+    source_rms : source name -> RMS of its first-order contribution here.
+    """
+
+    name: str
+    kind: str
+    value: Array
+    exact: Array
+    first_order: Array
+    source_rms: Mapping[str, float]
+
+    @property
+    def rms_exact(self) -> float:
+        return _rms(self.exact)
+
+    @property
+    def rms_first_order(self) -> float:
+        return _rms(self.first_order)
+
+    @property
+    def residual(self) -> float:
+        """Relative first-order residual ``‖exact − first_order‖ / ‖exact‖``."""
+        return relative_residual(self.exact, self.first_order)
+
+    @property
+    def sqnr_db(self) -> float:
+        """``20·log10(‖y‖/‖Δy_exact‖)``."""
+        return sqnr_db(self.value, self.exact)
+
+
+@dataclass(frozen=True)
+class SourceResult:
+    """One error source: what it is, the error it injected and its model.
+
+    ``error`` is ``Q(v) − v`` for the quantized tensor ``v`` (for activation
+    sources, ``v`` is the float activation); ``model`` its per-element error
+    model; ``grid`` the fitted quantization grid.
+    """
+
+    source: Source
+    error: Array
+    model: ErrorModel
+    grid: UniformGrid
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def kind(self) -> str:
+        return self.source.kind
+
+
+class Report:
+    """Exact and first-order error of a quantized network, per node and per source.
+
+    Attributes
+    ----------
+    output : float output of the network.
+    exact : fake-quantized output minus float output.
+    first_order : first-order prediction of ``exact`` (sum of ``contributions``).
+    contributions : source name -> its first-order output error.
+    nodes : node name -> :class:`NodeResult`, in execution order.
+    sources : source name -> :class:`SourceResult`, in execution order.
+    config : the QuantConfig analysed.
+    """
+
+    def __init__(self, *, output: Array, exact: Array, first_order: Array,
+                 contributions: dict[str, Array], nodes: dict[str, NodeResult],
+                 sources: dict[str, SourceResult], config: QuantConfig) -> None:
+        self.output = output
+        self.exact = exact
+        self.first_order = first_order
+        self.contributions = contributions
+        self.nodes = nodes
+        self.sources = sources
+        self.config = config
+
+    def node(self, name: str) -> NodeResult:
+        """The result at node ``name``."""
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise KeyError(unknown_name_message("node", name, list(self.nodes))) from None
+
+    @property
+    def residual(self) -> float:
+        """Relative first-order residual at the output."""
+        return relative_residual(self.exact, self.first_order)
+
+    @property
+    def sqnr_db(self) -> float:
+        """Output SQNR of the exact error, ``20·log10(‖y‖/‖Δy‖)`` dB."""
+        return sqnr_db(self.output, self.exact)
+
+    def table(self) -> str:
+        """Per-node table: RMS of value, exact and first-order error, residual, SQNR."""
+        head = ("node", "kind", "rms(y)", "rms exact", "rms 1st-ord", "resid", "SQNR dB",
+                "top source")
+        rows = []
+        for n in self.nodes.values():
+            top = max(n.source_rms, key=n.source_rms.get) if n.source_rms else "-"
+            rows.append((n.name, n.kind, f"{_rms(n.value):.3e}", f"{n.rms_exact:.3e}",
+                         f"{n.rms_first_order:.3e}", _fmt(n.residual), _fmt(n.sqnr_db, ".1f"),
+                         top))
+        widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) if i in (0, 1, 7) else c.rjust(w)
+                           for i, (c, w) in enumerate(zip(row, widths)))
+                 for row in (head, *rows)]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        notes = ["resid = ‖exact − first_order‖ / ‖exact‖; SQNR = 20·log10(‖y‖/‖exact‖)"]
+        if any(s.kind in ("activation", "input") for s in self.sources.values()):
+            notes.append("activation/input sources are noise: their first-order row is the "
+                         "rounding error of the float activation, so expect statistical, not "
+                         "pointwise, agreement")
+        return "\n".join(lines + notes)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        return (f"<Report: {len(self.nodes)} nodes, {len(self.sources)} sources, output SQNR "
+                f"{self.sqnr_db:.1f} dB, first-order residual {self.residual:.3g}>")
+
+
+def _fmt(v: float, spec: str = ".3g") -> str:
+    return format(v, spec) if np.isfinite(v) else ("inf" if v > 0 else "-inf")
