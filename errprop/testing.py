@@ -1,0 +1,119 @@
+"""Tools for people who add ops: check a first-order rule against finite differences.
+
+>>> from errprop.testing import check_rule
+>>> check_rule(errprop.Activation("tanh"), x)      # raises AssertionError on a wrong rule
+
+``check_rule`` verifies, for the input and for every parameter of an op,
+
+1. the rule against a central finite difference of ``forward`` (with one
+   Richardson step, so the difference itself is accurate to ~1e-10);
+2. linearity: ``rule(a·d1 + d2) = a·rule(d1) + rule(d2)``;
+3. leading direction axes: a stack of tangents ``(K, *x.shape)`` gives the
+   stack of the individual results (the propagation engine relies on it);
+4. that ``linearize(x)`` returns ``forward(x)`` and the same rule as ``jvp``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ._op import Array, Op
+
+__all__ = ["check_rule", "finite_difference"]
+
+
+def _rms(a: Array) -> float:
+    return float(np.sqrt(np.mean(np.square(a))))
+
+
+def finite_difference(op: Op, x: Array, dx: Array | None = None,
+                      dparams: Mapping[str, Array] | None = None, *, h: float = 1e-3) -> Array:
+    """Directional derivative of ``op.forward`` at ``(x, op.params)`` along ``(dx, dparams)``.
+
+    Central differences at steps ``h`` and ``h/2`` combined by Richardson
+    extrapolation, ``(4·D(h/2) − D(h)) / 3``: error O(h⁴).
+    """
+    dparams = dict(dparams or {})
+
+    def at(t: float) -> Array:
+        xt = x if dx is None else x + t * dx
+        params = {k: op.params[k] + t * v for k, v in dparams.items()}
+        return op.forward(xt, params)
+
+    def central(step: float) -> Array:
+        return (at(step) - at(-step)) / (2.0 * step)
+
+    return (4.0 * central(h / 2) - central(h)) / 3.0
+
+
+def _rel(a: Array, b: Array, scale: float) -> float:
+    return float(np.linalg.norm(np.ravel(a - b)) / max(np.linalg.norm(np.ravel(b)), scale))
+
+
+def _close(a: Array, b: Array, rtol: float, atol: float) -> bool:
+    return bool(np.linalg.norm(np.ravel(a - b)) <= rtol * np.linalg.norm(np.ravel(b)) + atol)
+
+
+def check_rule(op: Op, x: object, *, rtol: float = 1e-6, seed: int = 0, h: float = 1e-3,
+               directions: int = 2) -> None:
+    """Check ``op``'s first-order rule at ``x``; raise ``AssertionError`` naming what is wrong.
+
+    Parameters
+    ----------
+    op : the op to check.
+    x : an input on which ``op`` is smooth (keep ReLU inputs away from 0 by
+        more than ``h`` times the direction's size).
+    rtol : tolerated relative error ``‖rule − fd‖ / ‖fd‖``.
+    seed : seed of the random directions.
+    h : finite-difference step along a direction of unit RMS.
+    directions : random directions tried per tangent.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    y = op.forward(x)
+    y_lin, rule = op.linearize(x)
+    if not np.allclose(y_lin, y, rtol=1e-12, atol=1e-12 * max(_rms(y), 1.0)):
+        raise AssertionError(f"{op!r}: linearize(x) returns an output that differs from "
+                             f"forward(x)")
+    # finite differences cannot resolve below ~eps/h: a rule that is exactly zero (a key
+    # bias shifts every score of a row equally) passes within this absolute tolerance
+    atol = 1e-9 * max(_rms(y), 1.0) * np.sqrt(y.size)
+    floor = 1e-12 * max(_rms(y), 1.0) * np.sqrt(y.size)
+    targets: list[str | None] = [None, *op.params]
+    for target in targets:
+        label = "the input" if target is None else f"parameter {target!r}"
+        shape = x.shape if target is None else op.params[target].shape
+
+        def tangent(d: Array) -> tuple[Array | None, dict[str, Array]]:
+            return (d, {}) if target is None else (None, {target: d})
+
+        dirs = [rng.standard_normal(shape) for _ in range(max(directions, 2))]
+        outs = []
+        for d in dirs:
+            dx, dp = tangent(d)
+            got = op.jvp(x, y, dx, dp)
+            if got.shape != y.shape:
+                raise AssertionError(f"{op!r}: the rule for {label} returns shape {got.shape}, "
+                                     f"expected the output shape {y.shape}")
+            want = finite_difference(op, x, dx, dp, h=h)
+            err = _rel(got, want, floor)
+            if not _close(got, want, rtol, atol):
+                raise AssertionError(f"{op!r}: the first-order rule for {label} disagrees with "
+                                     f"finite differences: relative error {err:.3g} > {rtol:g}")
+            via_linearize = rule(*tangent(d))
+            if not _close(via_linearize, got, 1e-10, floor):
+                raise AssertionError(f"{op!r}: linearize(x)'s rule and jvp disagree for {label}")
+            outs.append(got)
+        combo = op.jvp(x, y, *tangent(2.5 * dirs[0] + dirs[1]))
+        if not _close(combo, 2.5 * outs[0] + outs[1], 1e-10, floor):
+            raise AssertionError(f"{op!r}: the rule for {label} is not linear in the tangent")
+        if target is None:
+            stacked = op.jvp(x, y, np.stack(dirs), {})
+            if stacked.shape != (len(dirs), *y.shape) or \
+                    not _close(stacked, np.stack(outs), 1e-10, floor):
+                raise AssertionError(f"{op!r}: the rule does not handle a leading direction "
+                                     f"axis on the input tangent: dx of shape "
+                                     f"{(len(dirs), *x.shape)} gave {stacked.shape}, expected "
+                                     f"the stack of single-direction results")

@@ -1,0 +1,28 @@
+"""Shared test fixtures.
+
+PyTorch is the independent reference for several forwards. It is optional for
+users, so a test that needs it asks for the ``torch`` fixture; under CI
+(``CI`` set in the environment) a missing torch is an error, not a skip, so the
+reference checks can never silently disappear.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def torch():
+    try:
+        import torch as _torch
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("PyTorch is required under CI: pip install torch==2.13.0")
+        pytest.skip("PyTorch not installed (pip install torch==2.13.0)")
+    return _torch
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
