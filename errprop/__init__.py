@@ -10,6 +10,7 @@ from ._analysis import analyze
 from ._attention import Attention
 from ._builders import mlp, transformer, transformer_block
 from ._config import QuantConfig, Source
+from ._convergence import Convergence, ConvergenceRow, convergence
 from ._graph import NodeInfo, Residual, Sequential
 from ._linear import Linear
 from ._norm import LayerNorm, RMSNorm
@@ -23,6 +24,8 @@ __all__ = [
     "ACTIVATIONS",
     "Activation",
     "Attention",
+    "Convergence",
+    "ConvergenceRow",
     "ErrorModel",
     "LayerNorm",
     "Linear",
@@ -41,6 +44,7 @@ __all__ = [
     "Uniform",
     "UniformGrid",
     "analyze",
+    "convergence",
     "mlp",
     "relative_residual",
     "sqnr_db",

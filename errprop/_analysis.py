@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._config import QuantConfig, Source
-from ._graph import Sequential, check_input, walk
+from ._graph import Sequential, check_finite_node, check_input, walk
 from ._op import Array, Op
 from ._report import NodeResult, Report, SourceResult
 
@@ -39,12 +39,6 @@ def _stack(rows: Array | None, new: Array) -> Array:
     return new[None] if rows is None else np.concatenate([rows, new[None]], axis=0)
 
 
-def _check_finite(name: str, what: str, a: Array) -> None:
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"node {name!r}: the {what} contains NaN/Inf (shape {a.shape}); "
-                         f"the inputs or parameters overflow float64 here")
-
-
 class _Propagate:
     """Interpreter: float forward, fake-quant forward and first-order tangents together."""
 
@@ -58,8 +52,8 @@ class _Propagate:
         self.activation_results: dict[str, SourceResult] = {}
 
     def _record(self, name: str, kind: str, s: _State) -> None:
-        _check_finite(name, "float output", s.x)
-        _check_finite(name, "quantized network's output", s.xq)
+        check_finite_node(name, "float output", s.x)
+        check_finite_node(name, "quantized network's output", s.xq)
         first = np.zeros_like(s.x) if s.dx is None else s.dx.sum(axis=0)
         rms = {} if s.dx is None else dict(zip(
             s.keys, np.sqrt(np.mean(s.dx.reshape(len(s.keys), -1) ** 2, axis=1)).tolist()))
@@ -160,7 +154,9 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
         state = _State(x, xq, [src.name], (xq - x)[None])
 
     interp = _Propagate(by_layer, qparams, dparams, rng)
-    out = walk(net, state, interp)
+    # overflow is reported per node by the interpreter, not as a NumPy warning
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = walk(net, state, interp)
     results.update(interp.activation_results)
     contributions = {} if out.dx is None else dict(zip(out.keys, out.dx))
     ordered = {src.name: results[src.name] for src in _execution_order(sources, out.keys)}

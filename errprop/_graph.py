@@ -113,7 +113,9 @@ class Sequential(_Container):
     # ---------------------------------------------------------------- run
     def __call__(self, x: object) -> Array:
         x = check_input(self, x)
-        return walk(self, x, _FloatForward())
+        # overflow is reported per node by the interpreter, not as a NumPy warning
+        with np.errstate(over="ignore", invalid="ignore"):
+            return walk(self, x, _FloatForward())
 
     def __repr__(self) -> str:
         lines = [f"Sequential({self.name!r})" if self.name else "Sequential"]
@@ -143,12 +145,20 @@ def walk(root: Sequential, state: Any, interp: Interpreter) -> Any:
     return run(root, state)
 
 
+def check_finite_node(name: str, what: str, a: Array) -> Array:
+    """Raise a clear error if a node's output left the float range."""
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"node {name!r}: the {what} contains NaN/Inf (shape {a.shape}); "
+                         f"the inputs or parameters overflow float64 here")
+    return a
+
+
 class _FloatForward:
     def leaf(self, name, op, x):
-        return op.forward(x)
+        return check_finite_node(name, "output", op.forward(x))
 
     def residual(self, name, skip, branch):
-        return skip + branch
+        return check_finite_node(name, "output", skip + branch)
 
 
 # ------------------------------------------------------------------ checks
@@ -238,6 +248,10 @@ def _check_shapes(node, features: int | None, names: dict[int, str]) -> tuple[in
                     first_in[0] = need
             return n.out_features(f if f is not None else need), names.get(id(n), n.name)
         if isinstance(n, Residual):
+            if f is None:  # the residual opens the network: its input size is its first op's
+                f = _first_in_features(n)
+                if first_in[0] is None:
+                    first_in[0] = f
             out, last = f, prev
             for child in n.children:
                 out, last = run(child, out, last)
@@ -259,6 +273,16 @@ def suggest(name: str, known: list[str]) -> str:
     if close:
         return f"; did you mean {' or '.join(repr(c) for c in close)}?"
     return f"; known: {', '.join(known[:12])}{' ...' if len(known) > 12 else ''}"
+
+
+def _first_in_features(node) -> int | None:
+    if isinstance(node, Op):
+        return node.in_features
+    for child in node.children:
+        f = _first_in_features(child)
+        if f is not None:
+            return f
+    return None
 
 
 def unknown_name_message(what: str, name: str, known: list[str]) -> str:

@@ -1,0 +1,170 @@
+"""Every op's first-order rule against central finite differences (via errprop.testing).
+
+The checker compares the rule for the input and for every parameter with a
+Richardson-extrapolated central difference of the op's own forward, checks
+linearity and the leading direction axis the engine relies on, and must
+reject wrong rules (last tests).
+"""
+
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+import errprop as ep
+from errprop.testing import check_rule, finite_difference
+
+SHAPES_2D = [(1, 8), (5, 8)]
+SHAPES_3D = [(1, 1, 8), (2, 5, 8), (3, 7, 8)]
+
+
+def _domain(rng, shape, domain):
+    x = rng.standard_normal(shape)
+    if domain == "wide":
+        return 4.0 * x
+    if domain == "small":
+        return 0.05 * x
+    if domain == "offset":
+        return x + 3.0
+    return x
+
+
+def _make(kind, rng, d=8):
+    W = lambda *s: rng.standard_normal(s) / np.sqrt(s[-1])  # noqa: E731
+    if kind.startswith("act:"):
+        return ep.Activation(kind[4:])
+    return {
+        "linear": lambda: ep.Linear(W(5, d), rng.standard_normal(5)),
+        "linear_nobias": lambda: ep.Linear(W(3, d)),
+        "softmax": lambda: ep.Softmax(),
+        "layernorm": lambda: ep.LayerNorm(1 + rng.standard_normal(d), rng.standard_normal(d)),
+        "rmsnorm": lambda: ep.RMSNorm(1 + rng.standard_normal(d)),
+        "attention": lambda: ep.Attention(W(d, d), W(d, d), W(d, d), W(d, d),
+                                          *rng.standard_normal((4, d)), heads=2),
+        "attention_causal": lambda: ep.Attention(W(d, d), W(d, d), W(d, d), W(d, d),
+                                                 heads=4, causal=True),
+        "attention_narrow": lambda: ep.Attention(W(4, d), W(4, d), W(4, d), W(d, 4),
+                                                 *rng.standard_normal((3, 4)),
+                                                 rng.standard_normal(d), heads=1),
+    }[kind]()
+
+
+ACTS = [f"act:{k}" for k in ep.ACTIVATIONS]
+POINTWISE = ["linear", "linear_nobias", "softmax", "layernorm", "rmsnorm", *ACTS]
+ATTENTION = ["attention", "attention_causal", "attention_narrow"]
+
+
+@pytest.mark.parametrize("domain", ["normal", "wide", "small", "offset"])
+@pytest.mark.parametrize("shape", SHAPES_2D + SHAPES_3D)
+@pytest.mark.parametrize("kind", POINTWISE)
+def test_rule_matches_finite_differences(kind, shape, domain, rng):
+    op = _make(kind, rng)
+    x = _domain(rng, shape, domain)
+    if kind == "act:relu":
+        # keep away from the kink by more than the finite-difference step
+        x = np.where(np.abs(x) < 0.05, 0.05 + np.abs(x), x)
+    check_rule(op, x)
+
+
+@pytest.mark.parametrize("domain", ["normal", "wide", "small"])
+@pytest.mark.parametrize("shape", SHAPES_3D)
+@pytest.mark.parametrize("kind", ATTENTION)
+def test_attention_rule_matches_finite_differences(kind, shape, domain, rng):
+    check_rule(_make(kind, rng), _domain(rng, shape, domain))
+
+
+def test_layernorm_near_constant_input(rng):
+    # tiny variance: the gain 1/sqrt(var + eps) is large but the rule stays exact
+    op = ep.LayerNorm(np.ones(8), np.zeros(8), eps=1e-5)
+    x = 1.0 + 1e-3 * rng.standard_normal((4, 8))
+    check_rule(op, x, h=1e-5)
+
+
+def test_relu_convention_at_zero():
+    # documented convention: f'(0) = 0, as PyTorch's autograd
+    op = ep.Activation("relu")
+    x = np.array([[0.0, -1.0, 2.0]])
+    dy = op.jvp(x, op.forward(x), np.ones_like(x), {})
+    np.testing.assert_array_equal(dy, [[0.0, 0.0, 1.0]])
+
+
+# ----------------------------------------------------------------- the checker itself
+class _WrongTanh(ep.Op):
+    """tanh whose rule forgets to square y: f' = 1 - y instead of 1 - y²."""
+
+    prefix = "wrongtanh"
+
+    def forward(self, x, params: Mapping | None = None):
+        return np.tanh(x)
+
+    def jvp(self, x, y, dx, dparams):
+        return (1.0 - y) * dx
+
+
+class _ScaleNoParamRule(ep.Op):
+    """y = a ⊙ x with a parameter whose tangent the rule ignores."""
+
+    prefix = "scale"
+
+    def __init__(self, a):
+        super().__init__()
+        self.params["a"] = np.asarray(a, dtype=float)
+        self.param_kinds["a"] = "norm"
+
+    def forward(self, x, params: Mapping | None = None):
+        return self._p(params, "a") * x
+
+    def jvp(self, x, y, dx, dparams):
+        return np.zeros_like(y) if dx is None else self.params["a"] * dx
+
+
+class _LayerNormNoMeanTerm(ep.Op):
+    """LayerNorm rule missing the x̂·mean(x̂·Δx) term: subtly wrong."""
+
+    prefix = "badln"
+
+    def forward(self, x, params: Mapping | None = None):
+        xc = x - x.mean(-1, keepdims=True)
+        return xc / np.sqrt((xc * xc).mean(-1, keepdims=True) + 1e-5)
+
+    def jvp(self, x, y, dx, dparams):
+        xc = x - x.mean(-1, keepdims=True)
+        sigma = np.sqrt((xc * xc).mean(-1, keepdims=True) + 1e-5)
+        return (dx - dx.mean(-1, keepdims=True)) / sigma
+
+
+class _NoDirectionAxis(ep.Op):
+    """Right derivative, but breaks on a stacked (K, *x.shape) tangent."""
+
+    prefix = "flat"
+
+    def forward(self, x, params: Mapping | None = None):
+        return np.sin(x)
+
+    def jvp(self, x, y, dx, dparams):
+        return np.cos(x) * dx.reshape(x.shape) if dx.shape == x.shape else np.cos(x) * dx[0]
+
+
+@pytest.mark.parametrize("op, match", [
+    (_WrongTanh(), "input"),
+    (_ScaleNoParamRule(np.arange(1.0, 9.0)), "parameter 'a'"),
+    (_LayerNormNoMeanTerm(), "input"),
+    (_NoDirectionAxis(), "direction axis"),
+])
+def test_checker_rejects_wrong_rules(op, match, rng):
+    with pytest.raises(AssertionError, match=match):
+        check_rule(op, rng.standard_normal((3, 8)))
+
+
+def test_finite_difference_is_accurate(rng):
+    # d/dt sin(x + t d) at t=0 is cos(x) d: independent of errprop's ops
+    class _Sin(ep.Op):
+        def forward(self, x, params=None):
+            return np.sin(x)
+
+        def jvp(self, x, y, dx, dparams):
+            return np.cos(x) * dx
+
+    x, d = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
+    fd = finite_difference(_Sin(), x, d)
+    np.testing.assert_allclose(fd, np.cos(x) * d, rtol=1e-10, atol=1e-12)
