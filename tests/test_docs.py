@@ -1,0 +1,20 @@
+"""The code in README.md and docs/ runs as written."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python_blocks(path):
+    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/adding-an-op.md"])
+def test_python_blocks_run(doc):
+    blocks = _python_blocks(ROOT / doc)
+    assert blocks, f"{doc} has no python code block"
+    namespace: dict = {}
+    exec(compile("\n".join(blocks), doc, "exec"), namespace)  # noqa: S102
