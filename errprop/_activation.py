@@ -104,6 +104,9 @@ class Activation(Op):
             return np.zeros_like(y)
         return self.fn.d1(x, y) * dx
 
+    def vjp(self, x, y, g, params=()):
+        return self.fn.d1(x, y) * g, {}
+
     def describe(self) -> str:
         return self.kind
 
@@ -137,6 +140,10 @@ class Softmax(Op):
         if dx is None:
             return np.zeros_like(y)
         return y * (dx - np.sum(y * dx, axis=self.axis, keepdims=True))
+
+    def vjp(self, x, y, g, params=()):
+        # the softmax Jacobian diag(y) - y yᵀ is symmetric
+        return self.jvp(x, y, g, {}), {}
 
     def describe(self) -> str:
         return f"axis={self.axis}"

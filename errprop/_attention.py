@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ._linear import _matmul_t
-from ._op import Array, Op, Rule, align_sampled, as_param
+from ._op import Array, Op, Rule, align_sampled, as_param, per_sample_outer, per_sample_sum
 
 _WEIGHTS = ("Wq", "Wk", "Wv", "Wo")
 _BIASES = ("bq", "bk", "bv", "bo")
@@ -39,6 +39,8 @@ class Attention(Op):
         ΔA = A ⊙ (ΔS - Σ_keys A ⊙ ΔS)
         Δo = ΔA v + A Δv
         Δy = Δo Woᵀ + o ΔWoᵀ + Δbo
+
+    The transposed rule runs the same stages backwards (``vjp``).
     """
 
     prefix = "attn"
@@ -153,6 +155,28 @@ class Attention(Op):
 
     def jvp(self, x, y, dx, dparams):
         return self.linearize(x)[1](dx, dparams)
+
+    def vjp(self, x, y, g, params=()):
+        q, k, v, A, o = self._attend(x, None)
+        P = self.params
+        scale = 1.0 / np.sqrt(self.head_dim)
+        gparams = {}
+        go = g @ P["Wo"]
+        gO = self._split(go)
+        gA = gO @ np.swapaxes(v, -1, -2)
+        gv = np.swapaxes(A, -1, -2) @ gO
+        gS = A * (gA - np.sum(A * gA, axis=-1, keepdims=True)) * scale
+        gq = gS @ k
+        gk = np.swapaxes(gS, -1, -2) @ q
+        branches = {"q": self._merge(gq), "k": self._merge(gk), "v": self._merge(gv)}
+        gx = sum(branches[c] @ P[f"W{c}"] for c in "qkv")
+        for c, gc in (*branches.items(), ("o", g)):
+            inp = o if c == "o" else x
+            if f"W{c}" in params:
+                gparams[f"W{c}"] = per_sample_outer(gc, inp)
+            if f"b{c}" in params:
+                gparams[f"b{c}"] = per_sample_sum(gc, x.ndim)
+        return gx, gparams
 
     def describe(self) -> str:
         inner, d = self.params["Wq"].shape

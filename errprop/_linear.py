@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._op import Array, Op, align_sampled, as_param
+from ._op import Array, Op, align_sampled, as_param, per_sample_outer, per_sample_sum
 
 
 def _matmul_t(x: Array, W: Array) -> Array:
@@ -37,6 +37,8 @@ class Linear(Op):
     neglected term is the second-order ``ΔW·Δx``)::
 
         Δy = Δx Wᵀ + x ΔWᵀ + Δb
+
+    Transposed (reverse mode): ``gx = g W``, ``gW = Σ_tokens g ⊗ x``, ``gb = Σ_tokens g``.
     """
 
     prefix = "fc"
@@ -76,6 +78,14 @@ class Linear(Op):
         if "b" in dparams:
             dy = (np.zeros_like(y) if dy is None else dy) + dparams["b"]
         return np.zeros_like(y) if dy is None else dy
+
+    def vjp(self, x, y, g, params=()):
+        gparams = {}
+        if "W" in params:
+            gparams["W"] = per_sample_outer(g, x)
+        if "b" in params:
+            gparams["b"] = per_sample_sum(g, x.ndim)
+        return g @ self.params["W"], gparams
 
     def describe(self) -> str:
         out, inp = self.params["W"].shape

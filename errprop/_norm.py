@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._op import Array, Op, align_sampled, as_param
+from ._op import Array, Op, align_sampled, as_param, per_sample_sum
 
 
 def _mean(a: Array) -> Array:
@@ -75,6 +75,18 @@ class LayerNorm(Op):
             dy = dy + dparams["beta"]
         return dy
 
+    def vjp(self, x, y, g, params=()):
+        # J = diag(γ)/σ · (I - 11ᵀ/d - x̂x̂ᵀ/d); the projection is symmetric
+        xhat, sigma = self._normalize(x)
+        u = self.params["gamma"] * g
+        gx = (u - _mean(u) - xhat * _mean(xhat * u)) / sigma
+        gparams = {}
+        if "gamma" in params:
+            gparams["gamma"] = per_sample_sum(g * xhat, x.ndim)
+        if "beta" in params:
+            gparams["beta"] = per_sample_sum(g, x.ndim)
+        return gx, gparams
+
     def describe(self) -> str:
         return f"d={self.in_features}, eps={self.eps:g}"
 
@@ -122,6 +134,16 @@ class RMSNorm(Op):
         if "gamma" in dparams:
             dy = dy + dparams["gamma"] * xn
         return dy
+
+    def vjp(self, x, y, g, params=()):
+        r = np.sqrt(_mean(x * x) + self.eps)
+        xn = x / r
+        u = self.params["gamma"] * g
+        gx = (u - xn * _mean(xn * u)) / r
+        gparams = {}
+        if "gamma" in params:
+            gparams["gamma"] = per_sample_sum(g * xn, x.ndim)
+        return gx, gparams
 
     def describe(self) -> str:
         return f"d={self.in_features}, eps={self.eps:g}"

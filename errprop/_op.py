@@ -19,7 +19,7 @@ Carlo) are interpreters that only call these two methods.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import ClassVar
 
 import numpy as np
@@ -101,6 +101,19 @@ class Op(ABC):
         (``lead`` empty when ``dx`` is None).
         """
 
+    def vjp(self, x: Array, y: Array, g: Array,
+            params: Collection[str] = ()) -> tuple[Array, dict[str, Array]]:
+        """Transposed first-order rule (reverse mode), for output statistics and bounds.
+
+        ``g``: cotangents of shape ``(K, *y.shape)``. Returns ``gx = Jₓᵀ g`` of shape
+        ``(K, *x.shape)`` and, for each name in ``params``, the *per-sample* parameter
+        cotangent of shape ``(K, batch, *param.shape)``: summed over token axes but not
+        over the batch axis (axis 0 of ``x``), because every batch element sees the
+        same parameter error and its output statistics are needed one by one.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no vjp rule; output statistics "
+                                  f"and exact bounds need one (see docs/adding-an-op.md)")
+
     def linearize(self, x: Array) -> tuple[Array, Rule]:
         """Forward output and the first-order rule closed over any intermediates."""
         y = self.forward(x)
@@ -130,6 +143,16 @@ def lead_shape(dx: Array | None, x: Array) -> tuple[int, ...]:
         return ()
     return dx.shape[: dx.ndim - x.ndim]
 
+
+
+def per_sample_outer(g: Array, x: Array) -> Array:
+    """``Σ_tokens g ⊗ x`` per batch element: ``g (K, B, ..., a)``, ``x (B, ..., b)`` -> ``(K, B, a, b)``."""
+    return np.einsum("kn...a,n...b->knab", g, x, optimize=True)
+
+
+def per_sample_sum(g: Array, x_ndim: int) -> Array:
+    """Sum a cotangent ``(K, B, ..., f)`` over its token axes -> ``(K, B, f)``."""
+    return g.sum(axis=tuple(range(2, x_ndim))) if x_ndim > 2 else g
 
 
 def align_sampled(p: Array, base_ndim: int, x_ndim: int) -> Array:

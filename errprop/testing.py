@@ -10,7 +10,9 @@
 2. linearity: ``rule(a·d1 + d2) = a·rule(d1) + rule(d2)``;
 3. leading direction axes: a stack of tangents ``(K, *x.shape)`` gives the
    stack of the individual results (the propagation engine relies on it);
-4. that ``linearize(x)`` returns ``forward(x)`` and the same rule as ``jvp``.
+4. that ``linearize(x)`` returns ``forward(x)`` and the same rule as ``jvp``;
+5. the transposed rule ``vjp`` by the dot-product test against ``jvp``, with
+   parameter cotangents checked per batch element.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def _close(a: Array, b: Array, rtol: float, atol: float) -> bool:
 
 
 def check_rule(op: Op, x: object, *, rtol: float = 1e-6, seed: int = 0, h: float = 1e-3,
-               directions: int = 2) -> None:
+               directions: int = 2, check_vjp: bool = True) -> None:
     """Check ``op``'s first-order rule at ``x``; raise ``AssertionError`` naming what is wrong.
 
     Parameters
@@ -70,6 +72,8 @@ def check_rule(op: Op, x: object, *, rtol: float = 1e-6, seed: int = 0, h: float
     h : largest finite-difference step along a direction of unit RMS (``h/4`` and
         ``h/16`` are tried too before the rule is declared wrong).
     directions : random directions tried per tangent.
+    check_vjp : also check the transposed rule ``vjp`` against ``jvp`` by the
+        dot-product test ``<g, J d> = <Jᵀ g, d>``, per batch element for parameters.
     """
     x = np.asarray(x, dtype=np.float64)
     rng = np.random.default_rng(seed)
@@ -115,6 +119,8 @@ def check_rule(op: Op, x: object, *, rtol: float = 1e-6, seed: int = 0, h: float
         combo = op.jvp(x, y, *tangent(2.5 * dirs[0] + dirs[1]))
         if not _close(combo, 2.5 * outs[0] + outs[1], 1e-10, floor):
             raise AssertionError(f"{op!r}: the rule for {label} is not linear in the tangent")
+        if check_vjp:
+            _check_vjp(op, x, y, target, dirs[0], outs[0], rng, floor)
         if target is None:
             stacked = op.jvp(x, y, np.stack(dirs), {})
             if stacked.shape != (len(dirs), *y.shape) or \
@@ -123,3 +129,35 @@ def check_rule(op: Op, x: object, *, rtol: float = 1e-6, seed: int = 0, h: float
                                      f"axis on the input tangent: dx of shape "
                                      f"{(len(dirs), *x.shape)} gave {stacked.shape}, expected "
                                      f"the stack of single-direction results")
+
+
+def _check_vjp(op: Op, x: Array, y: Array, target: str | None, d: Array, jd: Array,
+               rng: np.random.Generator, floor: float) -> None:
+    """``<g, J d> = <Jᵀ g, d>``; parameter cotangents per batch element."""
+    label = "the input" if target is None else f"parameter {target!r}"
+    g = rng.standard_normal((2, *y.shape))
+    try:
+        gx, gparams = op.vjp(x, y, g, () if target is None else (target,))
+    except NotImplementedError as exc:
+        raise AssertionError(f"{exc}; pass check_vjp=False to check only the forward rule") \
+            from None
+    if target is None:
+        if gx.shape != (2, *x.shape):
+            raise AssertionError(f"{op!r}: vjp returns an input cotangent of shape {gx.shape}, "
+                                 f"expected {(2, *x.shape)}")
+        lhs = g.reshape(2, -1) @ jd.ravel()
+        rhs = gx.reshape(2, -1) @ d.ravel()
+    else:
+        gp = gparams.get(target)
+        want_shape = (2, x.shape[0], *op.params[target].shape)
+        if gp is None or gp.shape != want_shape:
+            raise AssertionError(f"{op!r}: vjp must return the per-sample cotangent of {label} "
+                                 f"with shape {want_shape}, got "
+                                 f"{None if gp is None else gp.shape}")
+        # batch element n's output depends on the shared parameter through its own path only
+        B = x.shape[0]
+        lhs = np.sum(g.reshape(2, B, -1) * jd.reshape(B, -1), axis=-1)
+        rhs = gp.reshape(2, B, -1) @ d.ravel()
+    if not _close(rhs, lhs, 1e-9, floor):
+        raise AssertionError(f"{op!r}: vjp is not the transpose of jvp for {label}: "
+                             f"<g, J d> = {np.ravel(lhs)[:3]} but <Jᵀg, d> = {np.ravel(rhs)[:3]}")

@@ -153,7 +153,51 @@ class _NoDirectionAxis(ep.Op):
 ])
 def test_checker_rejects_wrong_rules(op, match, rng):
     with pytest.raises(AssertionError, match=match):
-        check_rule(op, rng.standard_normal((3, 8)))
+        check_rule(op, rng.standard_normal((3, 8)), check_vjp=False)
+
+
+class _LinearWrongTranspose(ep.Op):
+    """Right forward rule; the reverse rule multiplies by W instead of Wᵀ (square W)."""
+
+    def __init__(self, W):
+        super().__init__()
+        self.params["W"] = W
+        self.param_kinds["W"] = "weight"
+
+    def forward(self, x, params=None):
+        return x @ self._p(params, "W").T
+
+    def jvp(self, x, y, dx, dparams):
+        dy = np.zeros_like(y) if dx is None else dx @ self.params["W"].T
+        return dy + x @ dparams["W"].T if "W" in dparams else dy
+
+    def vjp(self, x, y, g, params=()):
+        gp = {"W": np.einsum("kna,nb->knab", g, x)} if "W" in params else {}
+        return g @ self.params["W"].T, gp
+
+
+class _LinearBatchSummedParam(_LinearWrongTranspose):
+    """Right transpose, but the parameter cotangent is summed over the batch."""
+
+    def vjp(self, x, y, g, params=()):
+        total = np.einsum("kna,nb->kab", g, x)
+        gp = {"W": np.broadcast_to(total[:, None], (*g.shape[:2], *total.shape[1:]))}
+        return g @ self.params["W"], gp
+
+
+@pytest.mark.parametrize("cls, match", [
+    (_LinearWrongTranspose, "not the transpose of jvp for the input"),
+    (_LinearBatchSummedParam, "not the transpose of jvp for parameter 'W'"),
+])
+def test_checker_rejects_wrong_reverse_rules(cls, match, rng):
+    op = cls(rng.standard_normal((6, 6)))
+    with pytest.raises(AssertionError, match=match):
+        check_rule(op, rng.standard_normal((3, 6)))
+
+
+def test_checker_asks_for_a_missing_reverse_rule(rng):
+    with pytest.raises(AssertionError, match="no vjp rule.*check_vjp=False"):
+        check_rule(_ScaleNoParamRule(np.ones(8)), rng.standard_normal((3, 8)))
 
 
 def test_finite_difference_is_accurate(rng):
