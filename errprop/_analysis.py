@@ -25,6 +25,7 @@ from ._config import QuantConfig, Source
 from ._graph import Sequential, check_finite_node, check_input, walk
 from ._op import Array, Op
 from ._report import NodeResult, Report, SourceResult
+from ._statistics import OutputStatistics, output_statistics
 
 
 @dataclass
@@ -49,6 +50,7 @@ class _Propagate:
         self.dparams = dparams
         self.rng = rng
         self.nodes: dict[str, NodeResult] = {}
+        self.forward: dict[str, tuple[Array, Array]] = {}  # leaf -> float (input, output)
         self.activation_results: dict[str, SourceResult] = {}
 
     def _record(self, name: str, kind: str, s: _State) -> None:
@@ -72,6 +74,7 @@ class _Propagate:
                 keys.append(src.name)
                 dx = _stack(dx, q_float - x)
         y, rule = op.linearize(x)
+        self.forward[name] = (x, y)
         dy = None if dx is None else rule(dx, {})
         for src in sources:
             if src.param is not None:
@@ -94,7 +97,7 @@ class _Propagate:
 
 
 def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None = 0,
-            rng: np.random.Generator | None = None) -> Report:
+            rng: np.random.Generator | None = None, memory_limit: int = 2 ** 28) -> Report:
     """Exact and first-order quantization error of ``net`` on the batch ``x``.
 
     Parameters
@@ -103,6 +106,10 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
     x : array ``(batch, features)`` or ``(batch, tokens, features)``
     config : QuantConfig, which quantizer applies to which source.
     seed, rng : randomness for stochastic rounding (``rng`` wins if given).
+    memory_limit : bytes for the reverse sweeps behind the first-order output
+        statistics (``.mean``, ``.std``, ``.mse``, ``.worst_case``), which are
+        computed on first access: one sweep per output element of a batch element,
+        in chunks under this cap.
 
     Returns
     -------
@@ -160,7 +167,12 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
     results.update(interp.activation_results)
     contributions = {} if out.dx is None else dict(zip(out.keys, out.dx))
     ordered = {src.name: results[src.name] for src in _execution_order(sources, out.keys)}
-    return Report(output=out.x, exact=out.xq - out.x,
+    forward = interp.forward
+
+    def statistics() -> OutputStatistics:
+        return output_statistics(net, out.x, forward, ordered, memory_limit=memory_limit)
+
+    return Report(output=out.x, exact=out.xq - out.x, statistics=statistics,
                   first_order=np.zeros_like(out.x) if out.dx is None else out.dx.sum(axis=0),
                   contributions=contributions, nodes=interp.nodes, sources=ordered,
                   config=config)

@@ -9,7 +9,7 @@ Monte Carlo samples). Containers never know which pass is running.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -143,6 +143,25 @@ def walk(root: Sequential, state: Any, interp: Interpreter) -> Any:
         return s
 
     return run(root, state)
+
+
+def walk_backward(root: Sequential, g: Any, leaf: Callable[[str, Op, Any], Any]) -> Any:
+    """Reverse-mode walk: carry a cotangent from the output of ``root`` to its input.
+
+    ``leaf(name, op, g_out)`` returns the cotangent at the op's input; a residual
+    join ``x + f(x)`` passes ``g`` to the skip and through the branch, and adds them.
+    """
+    names = root._names
+
+    def run(node, g):
+        if isinstance(node, Op):
+            return leaf(names[id(node)], node, g)
+        branch = g
+        for child in reversed(node.children):
+            branch = run(child, branch)
+        return g + branch if isinstance(node, Residual) else branch
+
+    return run(root, g)
 
 
 def check_finite_node(name: str, what: str, a: Array) -> Array:

@@ -32,7 +32,8 @@ class ErrorModel:
 
     Attributes
     ----------
-    max_abs : array, the bound ``|e| ≤ max_abs`` (exact, not a model).
+    max_abs : array, the bound ``|e| ≤ max_abs`` (exact up to float64 roundoff of
+        ``Q(x) - x`` itself, a few ulp; not a model).
     mean, var : arrays, the mean and variance of ``e`` under the noise model:
         for round-to-nearest the classic uniform model ``E e = 0``,
         ``Var e = s²/12``; for stochastic rounding the exact law given the
@@ -222,11 +223,17 @@ class Uniform(Quantizer):
             denom = self.qmax if self.restricted_range else (self.qmax - self.qmin) / 2
             scale = amax / denom
         else:
-            scale = (hi - lo) / (self.qmax - self.qmin)
+            n = self.qmax - self.qmin
+            with np.errstate(over="ignore"):
+                width = hi - lo
+            # near the float64 limit hi - lo overflows: divide first there
+            scale = np.where(np.isfinite(width), width / n, hi / n - lo / n)
         # an all-zero group is represented exactly by any scale
         scale = np.where(scale > 0, scale, 1.0)
         if self.scale == "pow2":
-            scale = np.exp2(np.ceil(np.log2(scale)))
+            # round up exactly: log2 of a value one ulp above 2^k rounds to k
+            mant, expo = np.frexp(scale)
+            scale = np.ldexp(1.0, np.where(mant == 0.5, expo - 1, expo))
         if self.symmetric:
             zero = np.zeros_like(scale)
         else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,6 +14,7 @@ from ._quant import ErrorModel, UniformGrid
 
 if TYPE_CHECKING:
     from ._config import QuantConfig, Source
+    from ._statistics import OutputStatistics
 
 
 def _rms(a: Array) -> float:
@@ -118,7 +119,8 @@ class Report:
 
     def __init__(self, *, output: Array, exact: Array, first_order: Array,
                  contributions: dict[str, Array], nodes: dict[str, NodeResult],
-                 sources: dict[str, SourceResult], config: QuantConfig) -> None:
+                 sources: dict[str, SourceResult], config: QuantConfig,
+                 statistics: Callable[[], OutputStatistics] | None = None) -> None:
         self.output = output
         self.exact = exact
         self.first_order = first_order
@@ -126,6 +128,51 @@ class Report:
         self.nodes = nodes
         self.sources = sources
         self.config = config
+        self._make_statistics = statistics
+        self._statistics: OutputStatistics | None = None
+
+    @property
+    def statistics(self) -> OutputStatistics:
+        """First-order output statistics (computed on first access, then cached)."""
+        if self._statistics is None:
+            if self._make_statistics is None:
+                raise ValueError("this report carries no statistics: build it with analyze()")
+            self._statistics = self._make_statistics()
+        return self._statistics
+
+    def _stats(self) -> OutputStatistics:
+        return self.statistics
+
+    @property
+    def mean(self) -> Array:
+        """First-order mean of the output error under the sources' error models."""
+        return self._stats().mean
+
+    @property
+    def std(self) -> Array:
+        """First-order standard deviation of each output element's error (independent sources)."""
+        return self._stats().std
+
+    @property
+    def mse(self) -> float:
+        """Predicted output MSE: mean over output elements of ``E[Δy²]`` (first order)."""
+        return self._stats().mse
+
+    @property
+    def mse_contributions(self) -> dict[str, float]:
+        """Per-source share of the predicted MSE; sums to ``mse``."""
+        return self._stats().mse_contributions
+
+    @property
+    def worst_case(self) -> Array:
+        """Elementwise first-order worst case: ``max |Δy|`` over every error pattern in the
+        quantizers' boxes (exact maximum at first order, attained by sign-aligned errors)."""
+        return self._stats().worst_case
+
+    @property
+    def exact_mse(self) -> float:
+        """MSE of the exact error, mean over output elements."""
+        return float(np.mean(self.exact ** 2))
 
     def node(self, name: str) -> NodeResult:
         """The result at node ``name``."""

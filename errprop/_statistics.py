@@ -1,0 +1,150 @@
+"""First-order output statistics and the exact first-order worst case, by reverse mode.
+
+At first order the output error is linear in the source errors,
+``Δy_i = Σ_sources Σ_e J_ie · e``. For every output element ``i`` one reverse
+sweep (``vjp`` through the graph) gives the row ``J_i·`` for every source at
+once, and then, with each source element's error model (max ``a_e``, mean
+``m_e``, variance ``v_e``, independent across elements):
+
+* mean        ``E Δy_i  = Σ_e J_ie m_e``
+* variance    ``Var Δy_i = Σ_e J_ie² v_e``
+* worst case  ``max |Δy_i| over the box |e| ≤ a  = Σ_e |J_ie| a_e``, attained by the
+  sign-aligned pattern ``e = a · sign(J_ie)``.
+
+A parameter error is shared by every token and every batch element. Tokens
+of one sequence are summed inside the per-sample parameter cotangent
+(``Σ_t g_t ⊗ x_t`` for a weight), so the correlation between tokens is exact;
+batch elements are independent sweeps. Outputs are processed in chunks of
+(directions × batch elements) under a memory cap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._graph import Sequential, walk_backward
+from ._op import Array, Op
+from ._report import SourceResult
+
+#: temporaries per live element in a sweep (cotangent, its square, the parameter cotangent)
+_OVERHEAD = 4
+
+
+@dataclass(frozen=True)
+class OutputStatistics:
+    """First-order statistics of the output error under the sources' error models.
+
+    All arrays have the output's shape; ``*_contributions`` map source name ->
+    that source's part (variances and worst cases add over sources; means add).
+    """
+
+    mean: Array
+    std: Array
+    worst_case: Array
+    mean_contributions: dict[str, Array]
+    var_contributions: dict[str, Array]
+    worst_contributions: dict[str, Array]
+
+    @property
+    def mse(self) -> float:
+        """Predicted output MSE: mean over elements of ``Var Δy + (E Δy)²``."""
+        return float(np.mean(self.std ** 2 + self.mean ** 2))
+
+    @property
+    def mse_contributions(self) -> dict[str, float]:
+        """Per-source MSE: ``mean(Var_s + m_s · m)`` with ``m`` the total mean; sums to ``mse``."""
+        return {k: float(np.mean(v + self.mean_contributions[k] * self.mean))
+                for k, v in self.var_contributions.items()}
+
+
+def output_statistics(net: Sequential, y: Array, forward: Mapping[str, tuple[Array, Array]],
+                      sources: Mapping[str, SourceResult], *,
+                      memory_limit: int = 2 ** 28) -> OutputStatistics:
+    """Reverse-mode first-order statistics of ``net``'s output.
+
+    ``forward`` maps each leaf name to its float ``(input, output)``; ``sources``
+    are the analysed sources with their error models.
+    """
+    B, out_shape = y.shape[0], y.shape[1:]
+    K = int(np.prod(out_shape))
+    by_layer: dict[str, list[SourceResult]] = {}
+    for s in sources.values():
+        if s.source.layer is not None:
+            by_layer.setdefault(s.source.layer, []).append(s)
+    acc = {name: np.zeros((3, K, B)) for name in sources}  # mean, var, worst per (k, n)
+
+    per_pair = max(int(x.size // B) + int(o.size // B) for x, o in forward.values())
+    per_pair += max((s.error.size for s in sources.values() if s.source.param), default=0)
+    pairs = max(1, memory_limit // (8 * _OVERHEAD * per_pair))
+    b_chunk = min(B, max(1, pairs // K))
+    k_chunk = min(K, max(1, pairs // b_chunk))
+
+    for b0 in range(0, B, b_chunk):
+        rows = slice(b0, min(B, b0 + b_chunk))
+        nb = rows.stop - rows.start
+        for k0 in range(0, K, k_chunk):
+            kc = min(K, k0 + k_chunk) - k0
+            g = np.zeros((kc, nb, K))
+            g[np.arange(kc), :, k0 + np.arange(kc)] = 1.0
+            g = g.reshape(kc, nb, *out_shape)
+
+            def leaf(name: str, op: Op, g_out: Array) -> Array:
+                x, yl = forward[name]
+                here = by_layer.get(name, [])
+                params = [s.source.param for s in here if s.source.param is not None]
+                gx, gparams = op.vjp(x[rows], yl[rows], g_out, params)
+                for s in here:
+                    if s.source.param is not None:
+                        _accumulate(acc[s.name], gparams[s.source.param], s, None, k0, rows)
+                    else:
+                        _accumulate(acc[s.name], gx, s, rows, k0, rows)
+                return gx
+
+            g_in = walk_backward(net, g, leaf)
+            if "input" in sources:
+                _accumulate(acc["input"], g_in, sources["input"], rows, k0, rows)
+
+    def shaped(a: Array) -> Array:
+        return np.moveaxis(a, 0, 1).reshape(B, *out_shape)
+
+    means = {k: shaped(a[0]) for k, a in acc.items()}
+    variances = {k: shaped(a[1]) for k, a in acc.items()}
+    worst = {k: shaped(a[2]) for k, a in acc.items()}
+    zero = np.zeros_like(y)
+    return OutputStatistics(mean=sum(means.values(), zero.copy()),
+                            std=np.sqrt(sum(variances.values(), zero.copy())),
+                            worst_case=sum(worst.values(), zero.copy()),
+                            mean_contributions=means, var_contributions=variances,
+                            worst_contributions=worst)
+
+
+def _accumulate(out: Array, J: Array, src: SourceResult, rows: slice | None, k0: int,
+                batch: slice) -> None:
+    """Add one source's mean / variance / worst case for a chunk of sensitivities ``J``.
+
+    ``J``: ``(k, b, *shape)`` — for a parameter, its per-sample cotangent (the model
+    is the parameter's, shared by the batch); for an activation, the cotangent at
+    the layer input (the model has a batch axis, sliced by ``rows``).
+    """
+    model = src.model
+    mean, var, max_abs = model.mean, model.var, model.max_abs
+    if rows is not None:
+        mean, var, max_abs = mean[rows], var[rows], max_abs[rows]
+    k, b = J.shape[:2]
+    flat = J.reshape(k, b, -1)
+    if rows is None:  # a parameter: one model shared by the batch; J is ours to overwrite
+        if mean.any():
+            out[0, k0:k0 + k, batch] += flat @ mean.ravel()
+        np.abs(flat, out=flat)
+        out[2, k0:k0 + k, batch] += flat @ max_abs.ravel()
+        np.square(flat, out=flat)
+        out[1, k0:k0 + k, batch] += flat @ var.ravel()
+    else:  # a layer input: J is passed on upstream, the model has a batch axis
+        m, v, a = (t.reshape(b, -1) for t in (mean, var, max_abs))
+        if m.any():
+            out[0, k0:k0 + k, batch] += np.einsum("kbe,be->kb", flat, m)
+        out[1, k0:k0 + k, batch] += np.einsum("kbe,be->kb", np.square(flat), v)
+        out[2, k0:k0 + k, batch] += np.einsum("kbe,be->kb", np.abs(flat), a)
