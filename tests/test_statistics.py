@@ -1,0 +1,166 @@
+"""First-order output statistics and the worst case, against closed forms and brute force.
+
+References written in the test: the single-layer closed forms
+(``std_i = sqrt(s²/12 · Σ_j x_j²)``, worst case ``(s/2)·Σ_j |x_j|`` plus the bias
+term, floor mean ``−(s/2)·Σ_j x_j``), a plain-NumPy first-order error of a small MLP
+for thousands of error patterns inside the quantizer boxes, and the empirical
+variance of those patterns' first-order errors.
+"""
+
+import numpy as np
+import pytest
+
+import errprop as ep
+
+
+def _step(q, v):
+    return float(np.ravel(q.fit(v).scale)[0])
+
+
+@pytest.mark.parametrize("tokens", [None, 3])
+def test_single_linear_closed_forms(tokens, rng):
+    W, b = rng.standard_normal((5, 7)), rng.standard_normal(5)
+    shape = (4, 7) if tokens is None else (4, tokens, 7)
+    x = rng.standard_normal(shape)
+    net = ep.Sequential([ep.Linear(W, b)])
+    qw, qb = ep.Uniform(6), ep.Uniform(4)
+    r = ep.analyze(net, x, ep.QuantConfig(weights=qw, biases=qb))
+    sw, sb = _step(qw, W), _step(qb, b)
+    if tokens is None:
+        std = np.sqrt(sw ** 2 / 12 * (x ** 2).sum(-1, keepdims=True) + sb ** 2 / 12)
+        worst = sw / 2 * np.abs(x).sum(-1, keepdims=True) + sb / 2
+        np.testing.assert_allclose(r.std, np.broadcast_to(std, r.std.shape), rtol=1e-12)
+        np.testing.assert_allclose(r.worst_case, np.broadcast_to(worst, r.std.shape),
+                                   rtol=1e-12)
+    else:
+        # the same weight error hits every token of a sequence: Var Δy[t, a] is still
+        # s²/12·Σ_j x[t, j]² per element, but tokens are correlated (checked below)
+        std = np.sqrt(sw ** 2 / 12 * (x ** 2).sum(-1, keepdims=True) + sb ** 2 / 12)
+        np.testing.assert_allclose(r.std, np.broadcast_to(std, r.std.shape), rtol=1e-12)
+    np.testing.assert_allclose(r.mean, 0.0, atol=1e-15)
+    assert r.mse == pytest.approx(np.mean(r.std ** 2), rel=1e-12)
+
+
+def test_floor_rounding_mean(rng):
+    W, x = rng.standard_normal((3, 6)), rng.standard_normal((5, 6))
+    q = ep.Uniform(5, rounding="floor")
+    r = ep.analyze(ep.Sequential([ep.Linear(W)]), x, ep.QuantConfig(weights=q))
+    s = _step(q, W)
+    np.testing.assert_allclose(r.mean, np.broadcast_to(-s / 2 * x.sum(-1, keepdims=True),
+                                                       r.mean.shape), rtol=1e-12)
+    assert r.mse == pytest.approx(np.mean(r.std ** 2 + r.mean ** 2), rel=1e-12)
+
+
+def test_stochastic_rounding_variance_is_exact_given_the_values(rng):
+    W, x = rng.standard_normal((3, 6)), rng.standard_normal((5, 6))
+    q = ep.Uniform(4, rounding="stochastic")
+    r = ep.analyze(ep.Sequential([ep.Linear(W)]), x, ep.QuantConfig(weights=q))
+    s = _step(q, W)
+    p = W / s - np.floor(W / s)
+    var_W = p * (1 - p) * s ** 2
+    np.testing.assert_allclose(r.std ** 2, (x ** 2) @ var_W.T, rtol=1e-12)
+
+
+# ------------------------------------------------------------------- a small MLP by hand
+def _mlp_first_order(Ws, bs, x, dWs):
+    """First-order output error of tanh MLP(Ws, bs) for weight errors dWs (plain NumPy).
+
+    dWs entries may carry a leading pattern axis P; returns (P, batch, out).
+    """
+    h, dh = x, 0.0
+    for i, (W, b, dW) in enumerate(zip(Ws, bs, dWs)):
+        z = h @ W.T + b
+        dz = np.einsum("bi,poi->pbo", h, dW)
+        if i:
+            dz = dz + dh @ W.T
+        if i < len(Ws) - 1:
+            h, dh = np.tanh(z), (1 - np.tanh(z) ** 2) * dz
+        else:
+            h, dh = z, dz
+    return dh
+
+
+@pytest.fixture
+def small_mlp(rng):
+    net = ep.mlp([6, 12, 9, 4], "tanh", seed=3)
+    x = rng.standard_normal((7, 6))
+    q = ep.Uniform(5, granularity="channel")
+    r = ep.analyze(net, x, ep.QuantConfig(weights=q))
+    Ws = [op.params["W"] for _, op in net.layers() if "W" in op.params]
+    bs = [op.params["b"] for _, op in net.layers() if "W" in op.params]
+    steps = [np.broadcast_to(q.fit(W).scale, W.shape) for W in Ws]
+    return r, Ws, bs, x, steps
+
+
+def test_worst_case_dominates_random_and_adversarial_patterns(small_mlp, rng):
+    r, Ws, bs, x, steps = small_mlp
+    P = 4000
+    patterns = [s / 2 * rng.uniform(-1, 1, size=(P, *s.shape)) for s in steps]
+    corners = [s / 2 * rng.choice([-1.0, 1.0], size=(P, *s.shape)) for s in steps]
+    for dWs in (patterns, corners):
+        dy = _mlp_first_order(Ws, bs, x, dWs)
+        assert np.all(np.abs(dy) <= r.worst_case * (1 + 1e-12))
+    # the worst case of one output element is attained by its own sign-aligned pattern
+    # (found here by coordinate ascent over the corners, independent of errprop)
+    n, i = 2, 1
+    e = [s / 2 for s in steps]
+    for _ in range(3):
+        for li in range(len(e)):
+            grad = np.zeros_like(e[li])
+            it = np.nditer(grad, flags=["multi_index"])
+            for _unused in it:
+                unit = [np.zeros((1, *s.shape)) for s in steps]
+                unit[li][(0, *it.multi_index)] = 1.0
+                grad[it.multi_index] = _mlp_first_order(Ws, bs, x, unit)[0, n, i]
+            e[li] = steps[li] / 2 * np.sign(grad)
+    best = abs(_mlp_first_order(Ws, bs, x, [a[None] for a in e])[0, n, i])
+    assert best == pytest.approx(r.worst_case[n, i], rel=1e-10)
+
+
+def test_std_matches_the_variance_of_random_patterns(small_mlp, rng):
+    # uniform errors in the box have variance s²/12: the first-order error of many
+    # such patterns has the predicted per-element variance
+    r, Ws, bs, x, steps = small_mlp
+    P = 20000
+    dWs = [s / 2 * rng.uniform(-1, 1, size=(P, *s.shape)) for s in steps]
+    dy = _mlp_first_order(Ws, bs, x, dWs)
+    var_hat = dy.var(axis=0)
+    # relative standard error of a variance estimate ~ sqrt(2/P) (≤ for near-Gaussian sums)
+    tol = 5 * np.sqrt(2.0 / P)
+    np.testing.assert_allclose(var_hat / r.std ** 2, 1.0, atol=tol)
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_mse_contributions_add_up(norm, rng):
+    net = ep.transformer(8, 2, 16, 2, norm=norm, seed=0)
+    x = rng.standard_normal((2, 3, 8))
+    q = ep.Uniform(6, rounding="floor")
+    r = ep.analyze(net, x, ep.QuantConfig(weights=ep.Uniform(6), biases=q, activations=q,
+                                          norms=ep.Uniform(7), input=ep.Uniform(8)))
+    contrib = r.mse_contributions
+    assert set(contrib) == set(r.sources)
+    assert sum(contrib.values()) == pytest.approx(r.mse, rel=1e-10)
+    assert all(v >= 0 for k, v in r.statistics.var_contributions.items()
+               for v in [v.min()])
+    np.testing.assert_allclose(sum(r.statistics.worst_contributions.values()), r.worst_case,
+                               rtol=1e-12)
+
+
+def test_transformer_worst_case_bounds_the_exact_error_at_high_bits(rng):
+    # at 12 bits the exact error is first order to ~0.1%: the bound must hold for it
+    net = ep.transformer(8, 2, 16, 2, seed=1)
+    x = rng.standard_normal((2, 4, 8))
+    r = ep.analyze(net, x, ep.QuantConfig(weights=ep.Uniform(12), biases=ep.Uniform(12)))
+    assert np.all(np.abs(r.exact) <= r.worst_case * 1.01)
+    assert np.all(np.abs(r.first_order) <= r.worst_case * (1 + 1e-12))
+
+
+def test_chunking_does_not_change_statistics(rng):
+    net = ep.transformer(8, 2, 16, 1, seed=2)
+    x = rng.standard_normal((3, 4, 8))
+    cfg = ep.QuantConfig(weights=ep.Uniform(6), activations=ep.Uniform(6))
+    big = ep.analyze(net, x, cfg).statistics
+    tiny = ep.analyze(net, x, cfg, memory_limit=1).statistics
+    for a, b in ((big.std, tiny.std), (big.worst_case, tiny.worst_case),
+                 (big.mean, tiny.mean)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-18)
