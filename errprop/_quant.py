@@ -41,12 +41,17 @@ class ErrorModel:
         Clipped elements carry their exact, deterministic clipping error
         (``mean = e``, ``var = 0``).
     clipped : bool array, the elements outside the representable range.
+    width : array, the length of an interval that surely contains ``e`` (``s`` for
+        every rounding mode; 0 where the error is deterministic: clipped elements,
+        and values on the grid under stochastic rounding). Hoeffding and Bernstein
+        bounds use it.
     """
 
     max_abs: Array
     mean: Array
     var: Array
     clipped: Array
+    width: Array
 
 
 class Quantizer(ABC):
@@ -107,6 +112,7 @@ class UniformGrid:
         lo, hi = np.broadcast_to(self.lo, x.shape), np.broadcast_to(self.hi, x.shape)
         clipped = (x < lo) | (x > hi)
         clip_err = np.clip(x, lo, hi) - x
+        width = s
         if self.rounding == "nearest":
             max_abs, mean, var = s / 2, np.zeros_like(x), s * s / 12
         elif self.rounding == "floor":
@@ -115,9 +121,11 @@ class UniformGrid:
             p = x / s - np.floor(x / s)
             max_abs = np.where(p > 0, np.maximum(p, 1 - p) * s, 0.0)
             mean, var = np.zeros_like(x), p * (1 - p) * s * s
+            width = np.where(p > 0, s, 0.0)
         return ErrorModel(max_abs=np.where(clipped, np.abs(clip_err), max_abs),
                           mean=np.where(clipped, clip_err, mean),
-                          var=np.where(clipped, 0.0, var), clipped=clipped)
+                          var=np.where(clipped, 0.0, var), clipped=clipped,
+                          width=np.where(clipped, 0.0, width))
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:

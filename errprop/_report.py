@@ -169,6 +169,11 @@ class Report:
         quantizers' boxes (exact maximum at first order, attained by sign-aligned errors)."""
         return self._stats().worst_case
 
+    def bound(self, confidence: float = 0.99, method: str = "bernstein") -> Array:
+        """Elementwise first-order bound on ``|Δy|`` holding with probability ``confidence``
+        under the sources' error models (see :meth:`OutputStatistics.bound`)."""
+        return self._stats().bound(confidence, method)
+
     @property
     def exact_mse(self) -> float:
         """MSE of the exact error, mean over output elements."""

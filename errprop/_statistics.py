@@ -9,7 +9,10 @@ once, and then, with each source element's error model (max ``a_e``, mean
 * mean        ``E Δy_i  = Σ_e J_ie m_e``
 * variance    ``Var Δy_i = Σ_e J_ie² v_e``
 * worst case  ``max |Δy_i| over the box |e| ≤ a  = Σ_e |J_ie| a_e``, attained by the
-  sign-aligned pattern ``e = a · sign(J_ie)``.
+  sign-aligned pattern ``e = a · sign(J_ie)``;
+* for the high-probability bounds, ``Σ_e (J_ie w_e)²`` (Hoeffding) and
+  ``max_e |J_ie| w_e`` (Bernstein), with ``w_e`` the width of the interval that
+  contains ``e_e``.
 
 A parameter error is shared by every token and every batch element. Tokens
 of one sequence are summed inside the per-sample parameter cotangent
@@ -24,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import special
 
 from ._graph import Sequential, walk_backward
 from ._op import Array, Op
@@ -47,11 +51,44 @@ class OutputStatistics:
     mean_contributions: dict[str, Array]
     var_contributions: dict[str, Array]
     worst_contributions: dict[str, Array]
+    range_sq: Array  # Σ_e (J_ie w_e)²
+    max_term: Array  # max_e |J_ie| w_e
 
     @property
     def mse(self) -> float:
         """Predicted output MSE: mean over elements of ``Var Δy + (E Δy)²``."""
         return float(np.mean(self.std ** 2 + self.mean ** 2))
+
+    def bound(self, confidence: float = 0.99, method: str = "bernstein") -> Array:
+        """Elementwise high-probability bound on ``|Δy|`` (first order).
+
+        With probability at least ``confidence`` (per element, over the sources'
+        random errors), ``|Δy_i| ≤ bound_i``. Never larger than ``worst_case``.
+
+        Methods (``δ = 1 − confidence``, ``μ`` the mean, ``σ²`` the variance):
+
+        * ``"gaussian"``: ``|μ| + z_{1−δ/2}·σ`` — the central-limit approximation,
+          accurate when many comparable terms add up; not a guarantee.
+        * ``"hoeffding"``: ``|μ| + sqrt(ln(2/δ)/2 · Σ_e (J_e w_e)²)`` — distribution-free
+          over independent bounded terms (``w_e`` the width of each error's interval).
+        * ``"bernstein"``: ``|μ| + sqrt(2σ² ln(2/δ)) + (2/3)·M·ln(2/δ)``,
+          ``M = max_e |J_e| w_e`` — distribution-free, and uses the variance: tighter
+          than Hoeffding when the variance is small relative to the ranges.
+        """
+        if not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
+            raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+        delta = 1.0 - float(confidence)
+        log = np.log(2.0 / delta)
+        if method == "gaussian":
+            spread = special.ndtri(1.0 - delta / 2) * self.std
+        elif method == "hoeffding":
+            spread = np.sqrt(log / 2 * self.range_sq)
+        elif method == "bernstein":
+            spread = np.sqrt(2.0 * self.std ** 2 * log) + 2.0 / 3.0 * self.max_term * log
+        else:
+            raise ValueError(f"method must be 'gaussian', 'hoeffding' or 'bernstein', "
+                             f"got {method!r}")
+        return np.minimum(np.abs(self.mean) + spread, self.worst_case)
 
     @property
     def mse_contributions(self) -> dict[str, float]:
@@ -74,7 +111,8 @@ def output_statistics(net: Sequential, y: Array, forward: Mapping[str, tuple[Arr
     for s in sources.values():
         if s.source.layer is not None:
             by_layer.setdefault(s.source.layer, []).append(s)
-    acc = {name: np.zeros((3, K, B)) for name in sources}  # mean, var, worst per (k, n)
+    # per (k, n): mean, var, worst, Σ (J w)², max |J| w
+    acc = {name: np.zeros((5, K, B)) for name in sources}
 
     per_pair = max(int(x.size // B) + int(o.size // B) for x, o in forward.values())
     per_pair += max((s.error.size for s in sources.values() if s.source.param), default=0)
@@ -114,11 +152,16 @@ def output_statistics(net: Sequential, y: Array, forward: Mapping[str, tuple[Arr
     variances = {k: shaped(a[1]) for k, a in acc.items()}
     worst = {k: shaped(a[2]) for k, a in acc.items()}
     zero = np.zeros_like(y)
+    max_term = zero.copy()
+    for a in acc.values():
+        max_term = np.maximum(max_term, shaped(a[4]))
     return OutputStatistics(mean=sum(means.values(), zero.copy()),
                             std=np.sqrt(sum(variances.values(), zero.copy())),
                             worst_case=sum(worst.values(), zero.copy()),
                             mean_contributions=means, var_contributions=variances,
-                            worst_contributions=worst)
+                            worst_contributions=worst,
+                            range_sq=sum((shaped(a[3]) for a in acc.values()), zero.copy()),
+                            max_term=max_term)
 
 
 def _accumulate(out: Array, J: Array, src: SourceResult, rows: slice | None, k0: int,
@@ -130,21 +173,29 @@ def _accumulate(out: Array, J: Array, src: SourceResult, rows: slice | None, k0:
     the layer input (the model has a batch axis, sliced by ``rows``).
     """
     model = src.model
-    mean, var, max_abs = model.mean, model.var, model.max_abs
+    mean, var, max_abs, width = model.mean, model.var, model.max_abs, model.width
     if rows is not None:
-        mean, var, max_abs = mean[rows], var[rows], max_abs[rows]
+        mean, var, max_abs, width = mean[rows], var[rows], max_abs[rows], width[rows]
     k, b = J.shape[:2]
     flat = J.reshape(k, b, -1)
+    target = (slice(None), slice(k0, k0 + k), batch)
     if rows is None:  # a parameter: one model shared by the batch; J is ours to overwrite
         if mean.any():
-            out[0, k0:k0 + k, batch] += flat @ mean.ravel()
+            out[(0, *target[1:])] += flat @ mean.ravel()
         np.abs(flat, out=flat)
-        out[2, k0:k0 + k, batch] += flat @ max_abs.ravel()
+        out[(2, *target[1:])] += flat @ max_abs.ravel()
+        w = width.ravel()
+        out[(4, *target[1:])] = np.maximum(out[(4, *target[1:])], (flat * w).max(axis=-1))
         np.square(flat, out=flat)
-        out[1, k0:k0 + k, batch] += flat @ var.ravel()
+        out[(1, *target[1:])] += flat @ var.ravel()
+        out[(3, *target[1:])] += flat @ (w * w)
     else:  # a layer input: J is passed on upstream, the model has a batch axis
-        m, v, a = (t.reshape(b, -1) for t in (mean, var, max_abs))
+        m, v, a, w = (t.reshape(b, -1) for t in (mean, var, max_abs, width))
         if m.any():
-            out[0, k0:k0 + k, batch] += np.einsum("kbe,be->kb", flat, m)
-        out[1, k0:k0 + k, batch] += np.einsum("kbe,be->kb", np.square(flat), v)
-        out[2, k0:k0 + k, batch] += np.einsum("kbe,be->kb", np.abs(flat), a)
+            out[(0, *target[1:])] += np.einsum("kbe,be->kb", flat, m)
+        mag = np.abs(flat)
+        out[(2, *target[1:])] += np.einsum("kbe,be->kb", mag, a)
+        out[(4, *target[1:])] = np.maximum(out[(4, *target[1:])], (mag * w).max(axis=-1))
+        np.square(mag, out=mag)
+        out[(1, *target[1:])] += np.einsum("kbe,be->kb", mag, v)
+        out[(3, *target[1:])] += np.einsum("kbe,be->kb", mag, w * w)

@@ -164,3 +164,30 @@ def test_chunking_does_not_change_statistics(rng):
     for a, b in ((big.std, tiny.std), (big.worst_case, tiny.worst_case),
                  (big.mean, tiny.mean)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-18)
+
+
+@pytest.mark.parametrize("method, slack", [("bernstein", 1.0), ("hoeffding", 1.0),
+                                           ("gaussian", 1.5)])
+def test_high_probability_bounds_cover_random_patterns(small_mlp, method, slack, rng):
+    r, Ws, bs, x, steps = small_mlp
+    P = 20000
+    dWs = [s / 2 * rng.uniform(-1, 1, size=(P, *s.shape)) for s in steps]
+    dy = np.abs(_mlp_first_order(Ws, bs, x, dWs))
+    for confidence in (0.9, 0.99):
+        bound = r.bound(confidence, method)
+        assert np.all(bound <= r.worst_case)
+        miss = np.mean(dy > bound, axis=0)
+        delta = 1 - confidence
+        # distribution-free bounds must hold; the Gaussian one approximately
+        tol = 4 * np.sqrt(delta / P)
+        assert miss.max() <= slack * delta + tol, (method, confidence, miss.max())
+    # the distribution-free bounds are valid but looser than the Gaussian one
+    assert np.all(r.bound(0.99, "gaussian") <= r.bound(0.99, "hoeffding") + 1e-15)
+
+
+def test_bound_rejects_bad_arguments(small_mlp):
+    r = small_mlp[0]
+    with pytest.raises(ValueError, match="confidence must be in"):
+        r.bound(1.0)
+    with pytest.raises(ValueError, match="method must be"):
+        r.bound(0.9, "chebyshev")
