@@ -25,6 +25,7 @@ from ._config import QuantConfig, Source
 from ._graph import Sequential, check_finite_node, check_input, walk
 from ._op import Array, Op
 from ._report import NodeResult, Report, SourceResult
+from ._probes import NodeStatistics, node_statistics
 from ._statistics import OutputStatistics, output_statistics
 
 
@@ -172,7 +173,10 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
     def statistics() -> OutputStatistics:
         return output_statistics(net, out.x, forward, ordered, memory_limit=memory_limit)
 
-    return Report(output=out.x, exact=out.xq - out.x, statistics=statistics,
+    def probes(count: int, probe_seed: int) -> dict[str, NodeStatistics]:
+        return node_statistics(net, x, forward, ordered, probes=count, seed=probe_seed)
+
+    return Report(output=out.x, exact=out.xq - out.x, statistics=statistics, probes=probes,
                   first_order=np.zeros_like(out.x) if out.dx is None else out.dx.sum(axis=0),
                   contributions=contributions, nodes=interp.nodes, sources=ordered,
                   config=config)

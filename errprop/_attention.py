@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._linear import _matmul_t
+from ._linear import _matmul_t, affine_tangent
 from ._op import Array, Op, Rule, align_sampled, as_param, per_sample_outer, per_sample_sum
 
 _WEIGHTS = ("Wq", "Wk", "Wv", "Wo")
@@ -124,13 +124,7 @@ class Attention(Op):
         scale = 1.0 / np.sqrt(self.head_dim)
 
         def d_affine(dx, dparams, w, b, inp):
-            t = None if dx is None else dx @ P[w].T
-            if w in dparams:
-                t = inp @ dparams[w].T if t is None else t + inp @ dparams[w].T
-            if b in dparams:
-                db = dparams[b]
-                t = np.broadcast_to(db, (*inp.shape[:-1], db.shape[0])) if t is None else t + db
-            return t
+            return affine_tangent(inp, P[w], dx, dparams.get(w), dparams.get(b))
 
         def rule(dx, dparams):
             dq, dk, dv = (d_affine(dx, dparams, w, b, x)

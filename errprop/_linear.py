@@ -22,6 +22,36 @@ def _matmul_t(x: Array, W: Array) -> Array:
     return x @ Wt
 
 
+def affine_tangent(x: Array, W: Array, dx: Array | None, dW: Array | None,
+                   db: Array | None) -> Array | None:
+    """Tangent of ``x Wᵀ + b``: ``dx Wᵀ + x dWᵀ + db`` (``None`` when all are absent).
+
+    ``dx`` may carry leading direction axes; ``dW (P, out, in)`` and ``db (P, out)``
+    may carry one leading direction axis ``P`` (random probes of the parameters).
+    """
+    lead: tuple[int, ...] = () if dx is None else dx.shape[: dx.ndim - x.ndim]
+    t = None if dx is None else dx @ W.T
+    if dW is not None:
+        if dW.ndim == 3:
+            # one GEMM for all probes: x (..., in) @ (in, P·out)
+            P, n_out, n_in = dW.shape
+            lead = (P,)
+            xw = (x.reshape(-1, n_in) @ dW.reshape(P * n_out, n_in).T)
+            xw = np.moveaxis(xw.reshape(*x.shape[:-1], P, n_out), -2, 0)
+        else:
+            xw = x @ dW.T
+        t = xw if t is None else t + xw
+    if db is not None:
+        if db.ndim == 2:
+            lead = db.shape[:1]
+            db = db.reshape(db.shape[0], *([1] * (x.ndim - 1)), db.shape[1])
+        t = db if t is None else t + db
+    if t is None:
+        return None
+    shape = (*lead, *x.shape[:-1], W.shape[0])
+    return t if t.shape == shape else np.broadcast_to(t, shape).copy()
+
+
 class Linear(Op):
     r"""Affine map ``y = x Wᵀ + b``.
 
@@ -70,13 +100,7 @@ class Linear(Op):
         return y
 
     def jvp(self, x, y, dx, dparams):
-        W = self.params["W"]
-        dy = None if dx is None else dx @ W.T
-        if "W" in dparams:
-            t = x @ dparams["W"].T
-            dy = t if dy is None else dy + t
-        if "b" in dparams:
-            dy = (np.zeros_like(y) if dy is None else dy) + dparams["b"]
+        dy = affine_tangent(x, self.params["W"], dx, dparams.get("W"), dparams.get("b"))
         return np.zeros_like(y) if dy is None else dy
 
     def vjp(self, x, y, g, params=()):

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._op import Array, Op, align_sampled, as_param, per_sample_sum
+from ._op import Array, Op, align_sampled, as_param, param_tangent, per_sample_sum
 
 
 def _mean(a: Array) -> Array:
@@ -70,9 +70,9 @@ class LayerNorm(Op):
             dxhat = (dx - _mean(dx) - xhat * _mean(xhat * dx)) / sigma
             dy = self.params["gamma"] * dxhat
         if "gamma" in dparams:
-            dy = dy + dparams["gamma"] * xhat
+            dy = dy + param_tangent(dparams["gamma"], 1, y.ndim) * xhat
         if "beta" in dparams:
-            dy = dy + dparams["beta"]
+            dy = dy + param_tangent(dparams["beta"], 1, y.ndim)
         return dy
 
     def vjp(self, x, y, g, params=()):
@@ -132,7 +132,7 @@ class RMSNorm(Op):
         if dx is not None:
             dy = self.params["gamma"] * (dx - xn * _mean(xn * dx)) / r
         if "gamma" in dparams:
-            dy = dy + dparams["gamma"] * xn
+            dy = dy + param_tangent(dparams["gamma"], 1, y.ndim) * xn
         return dy
 
     def vjp(self, x, y, g, params=()):

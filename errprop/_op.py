@@ -19,6 +19,7 @@ Carlo) are interpreters that only call these two methods.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from collections.abc import Callable, Collection, Mapping
 from typing import ClassVar
 
@@ -97,8 +98,10 @@ class Op(ABC):
         """First-order rule at ``x`` (with ``y = forward(x)``).
 
         ``dx``: ``None`` or shape ``(*lead, *x.shape)``; ``dparams``: name ->
-        tangent of that parameter (same shape). Returns ``(*lead, *y.shape)``
-        (``lead`` empty when ``dx`` is None).
+        tangent of that parameter, of the parameter's shape or with one leading
+        direction axis ``(P, *param.shape)`` (random probes; then ``lead = (P,)``
+        and ``dx``, if given, has the same leading axis). Returns
+        ``(*lead, *y.shape)`` (``lead`` empty when nothing carries one).
         """
 
     def vjp(self, x: Array, y: Array, g: Array,
@@ -145,9 +148,32 @@ def lead_shape(dx: Array | None, x: Array) -> tuple[int, ...]:
 
 
 
-def per_sample_outer(g: Array, x: Array) -> Array:
-    """``Σ_tokens g ⊗ x`` per batch element: ``g (K, B, ..., a)``, ``x (B, ..., b)`` -> ``(K, B, a, b)``."""
-    return np.einsum("kn...a,n...b->knab", g, x, optimize=True)
+def param_tangent(dp: Array, base_ndim: int, y_ndim: int) -> Array:
+    """A parameter tangent, with an optional leading direction axis, shaped to
+    broadcast against an output tangent ``(P, *y.shape)``."""
+    return dp if dp.ndim == base_ndim else align_sampled(dp, base_ndim, y_ndim + 1)
+
+
+@dataclass(frozen=True)
+class Outer:
+    """A per-sample weight cotangent kept factored: ``G[k, n] = Σ_tokens g[k, n] ⊗ x[n]``.
+
+    ``g``: ``(K, B, ..., a)``, ``x``: ``(B, ..., b)``. Without a token axis ``G`` is
+    rank one per sample, and every reduction the statistics need
+    (``Σ v G²``, ``Σ a |G|``, ...) costs one forward pass instead of ``K`` of them.
+    """
+
+    g: Array
+    x: Array
+
+    def materialize(self) -> Array:
+        """The dense cotangent ``(K, B, a, b)``."""
+        return np.einsum("kn...a,n...b->knab", self.g, self.x, optimize=True)
+
+
+def per_sample_outer(g: Array, x: Array) -> Outer:
+    """``Σ_tokens g ⊗ x`` per batch element, kept factored (see :class:`Outer`)."""
+    return Outer(g, x)
 
 
 def per_sample_sum(g: Array, x_ndim: int) -> Array:

@@ -14,6 +14,7 @@ from ._quant import ErrorModel, UniformGrid
 
 if TYPE_CHECKING:
     from ._config import QuantConfig, Source
+    from ._probes import NodeStatistics
     from ._statistics import OutputStatistics
 
 
@@ -120,7 +121,8 @@ class Report:
     def __init__(self, *, output: Array, exact: Array, first_order: Array,
                  contributions: dict[str, Array], nodes: dict[str, NodeResult],
                  sources: dict[str, SourceResult], config: QuantConfig,
-                 statistics: Callable[[], OutputStatistics] | None = None) -> None:
+                 statistics: Callable[[], OutputStatistics] | None = None,
+                 probes: Callable[[int, int], dict[str, NodeStatistics]] | None = None) -> None:
         self.output = output
         self.exact = exact
         self.first_order = first_order
@@ -130,6 +132,22 @@ class Report:
         self.config = config
         self._make_statistics = statistics
         self._statistics: OutputStatistics | None = None
+        self._make_probes = probes
+        self._probes: dict[tuple[int, int], dict[str, NodeStatistics]] = {}
+
+    def node_statistics(self, probes: int = 64, seed: int = 0) -> dict[str, NodeStatistics]:
+        """First-order error statistics at every node, estimated with random probes.
+
+        Per node: the exact first-order mean, the estimated standard deviation per
+        element, and the estimated MSE with its standard error (see
+        :mod:`errprop._probes`). Cached per ``(probes, seed)``.
+        """
+        key = (probes, seed)
+        if key not in self._probes:
+            if self._make_probes is None:
+                raise ValueError("this report carries no graph to probe: build it with analyze()")
+            self._probes[key] = self._make_probes(probes, seed)
+        return self._probes[key]
 
     @property
     def statistics(self) -> OutputStatistics:

@@ -30,7 +30,8 @@ import numpy as np
 from scipy import special
 
 from ._graph import Sequential, walk_backward
-from ._op import Array, Op
+from ._op import Array, Op, Outer
+from ._quant import ErrorModel
 from ._report import SourceResult
 
 #: temporaries per live element in a sweep (cotangent, its square, the parameter cotangent)
@@ -174,6 +175,11 @@ def _accumulate(out: Array, J: Array, src: SourceResult, rows: slice | None, k0:
     """
     model = src.model
     mean, var, max_abs, width = model.mean, model.var, model.max_abs, model.width
+    if isinstance(J, Outer):
+        if J.g.ndim == 3:  # no token axis: rank one per sample, reduce in factored form
+            _accumulate_rank_one(out, J.g, J.x, model, k0, batch)
+            return
+        J = J.materialize()
     if rows is not None:
         mean, var, max_abs, width = mean[rows], var[rows], max_abs[rows], width[rows]
     k, b = J.shape[:2]
@@ -199,3 +205,24 @@ def _accumulate(out: Array, J: Array, src: SourceResult, rows: slice | None, k0:
         np.square(mag, out=mag)
         out[(1, *target[1:])] += np.einsum("kbe,be->kb", mag, v)
         out[(3, *target[1:])] += np.einsum("kbe,be->kb", mag, w * w)
+
+
+def _accumulate_rank_one(out: Array, g: Array, x: Array, model: ErrorModel, k0: int,
+                         batch: slice) -> None:
+    """``_accumulate`` for ``G[k, n] = g[k, n] ⊗ x[n]``: ``Σ_ab c_ab G_ab^p = Σ_a g_a^p (x^p cᵀ)_a``."""
+    k = g.shape[0]
+    at = (slice(k0, k0 + k), batch)
+    ax, w = np.abs(x), model.width
+    if model.mean.any():
+        out[(0, *at)] += np.einsum("kba,ba->kb", g, x @ model.mean.T)
+    ag = np.abs(g)
+    out[(2, *at)] += np.einsum("kba,ba->kb", ag, ax @ model.max_abs.T)
+    # max_ab |g_a| w_ab |x_b| = max_a |g_a| · max_b (w_ab |x_b|), over batch chunks
+    mx = np.empty((x.shape[0], w.shape[0]))
+    step = max(1, 2 ** 24 // max(1, w.size))
+    for i in range(0, x.shape[0], step):
+        mx[i:i + step] = np.max(w[None] * ax[i:i + step, None, :], axis=-1)
+    out[(4, *at)] = np.maximum(out[(4, *at)], np.max(ag * mx, axis=-1))
+    g2, x2 = ag * ag, ax * ax
+    out[(1, *at)] += np.einsum("kba,ba->kb", g2, x2 @ model.var.T)
+    out[(3, *at)] += np.einsum("kba,ba->kb", g2, x2 @ (w * w).T)

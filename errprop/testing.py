@@ -8,8 +8,9 @@
 1. the rule against a central finite difference of ``forward`` (with one
    Richardson step, so the difference itself is accurate to ~1e-10);
 2. linearity: ``rule(a·d1 + d2) = a·rule(d1) + rule(d2)``;
-3. leading direction axes: a stack of tangents ``(K, *x.shape)`` gives the
-   stack of the individual results (the propagation engine relies on it);
+3. leading direction axes: a stack of tangents ``(K, *x.shape)`` — or of a
+   parameter, ``(K, *param.shape)`` — gives the stack of the individual results
+   (the propagation engine and the random-probe estimator rely on it);
 4. that ``linearize(x)`` returns ``forward(x)`` and the same rule as ``jvp``;
 5. the transposed rule ``vjp`` by the dot-product test against ``jvp``, with
    parameter cotangents checked per batch element.
@@ -21,7 +22,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._op import Array, Op
+from ._op import Array, Op, Outer
 
 __all__ = ["check_rule", "finite_difference"]
 
@@ -121,6 +122,20 @@ def check_rule(op: Op, x: object, *, rtol: float = 1e-6, seed: int = 0, h: float
             raise AssertionError(f"{op!r}: the rule for {label} is not linear in the tangent")
         if check_vjp:
             _check_vjp(op, x, y, target, dirs[0], outs[0], rng, floor)
+        if target is not None:
+            stacked = op.jvp(x, y, None, {target: np.stack(dirs)})
+            if stacked.shape != (len(dirs), *y.shape) or \
+                    not _close(stacked, np.stack(outs), 1e-10, floor):
+                raise AssertionError(f"{op!r}: the rule does not handle a leading direction "
+                                     f"axis on the tangent of {label}: shape "
+                                     f"{(len(dirs), *shape)} gave {stacked.shape}, expected "
+                                     f"the stack of single-direction results")
+            dxs = np.stack([rng.standard_normal(x.shape) for _ in dirs])
+            both = op.jvp(x, y, dxs, {target: np.stack(dirs)})
+            want = op.jvp(x, y, dxs, {}) + stacked
+            if not _close(both, want, 1e-10, floor):
+                raise AssertionError(f"{op!r}: with stacked tangents of the input and of "
+                                     f"{label} together, the rule is not the sum of the two")
         if target is None:
             stacked = op.jvp(x, y, np.stack(dirs), {})
             if stacked.shape != (len(dirs), *y.shape) or \
@@ -149,6 +164,8 @@ def _check_vjp(op: Op, x: Array, y: Array, target: str | None, d: Array, jd: Arr
         rhs = gx.reshape(2, -1) @ d.ravel()
     else:
         gp = gparams.get(target)
+        if isinstance(gp, Outer):
+            gp = gp.materialize()
         want_shape = (2, x.shape[0], *op.params[target].shape)
         if gp is None or gp.shape != want_shape:
             raise AssertionError(f"{op!r}: vjp must return the per-sample cotangent of {label} "
