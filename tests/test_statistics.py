@@ -191,3 +191,37 @@ def test_bound_rejects_bad_arguments(small_mlp):
         r.bound(1.0)
     with pytest.raises(ValueError, match="method must be"):
         r.bound(0.9, "chebyshev")
+
+
+def test_probe_estimates_match_exact_statistics(rng):
+    # at the output the probe estimate must agree with the exact reverse-mode value
+    net = ep.transformer(8, 2, 16, 2, seed=4)
+    x = rng.standard_normal((3, 4, 8))
+    r = ep.analyze(net, x, ep.QuantConfig(weights=ep.Uniform(6), activations=ep.Uniform(6),
+                                          biases=ep.Uniform(6, rounding="floor")))
+    P = 400
+    nodes = r.node_statistics(probes=P, seed=1)
+    assert list(nodes) == list(r.nodes)
+    out = nodes["ln_f"]
+    np.testing.assert_allclose(out.mean, r.mean, rtol=1e-10, atol=1e-16)
+    assert abs(out.mse - r.mse) < 4 * out.mse_se
+    # per element: relative error of a variance estimate from P Rademacher probes
+    ratio = out.std ** 2 / r.std ** 2
+    assert np.all(np.abs(ratio - 1) < 5 * np.sqrt(2 / P))
+
+
+def test_probe_estimates_at_a_hidden_node(small_mlp, rng):
+    # the hidden pre-activation fc2 of the hand-written MLP: variance of its first-order
+    # error over random uniform patterns, against the probe estimate
+    r, Ws, bs, x, steps = small_mlp
+    P = 20000
+    dWs = [s / 2 * rng.uniform(-1, 1, size=(P, *s.shape)) for s in steps[:2]]
+    dy = _mlp_first_order(Ws[:2], bs[:2], x, dWs)  # the first two layers: fc1, tanh, fc2
+    est = r.node_statistics(probes=2000, seed=3)["fc2"]
+    assert abs(est.mse - np.mean(dy ** 2)) < 4 * est.mse_se + 4 * np.std(
+        np.mean(dy.reshape(P, -1) ** 2, axis=1)) / np.sqrt(P)
+
+
+def test_probe_count_is_validated(small_mlp):
+    with pytest.raises(ValueError, match="probes must be an integer >= 2"):
+        small_mlp[0].node_statistics(probes=1)
