@@ -107,6 +107,11 @@ class Activation(Op):
     def vjp(self, x, y, g, params=()):
         return self.fn.d1(x, y) * g, {}
 
+    def jvp2(self, x, y, a, b, dparams):
+        # b_out = f'(x)·b + ½ f''(x)·a²
+        out = np.zeros_like(y) if b is None else self.fn.d1(x, y) * b
+        return out if a is None else out + 0.5 * self.fn.d2(x, y) * a * a
+
     def describe(self) -> str:
         return self.kind
 
@@ -144,6 +149,14 @@ class Softmax(Op):
     def vjp(self, x, y, g, params=()):
         # the softmax Jacobian diag(y) - y yᵀ is symmetric
         return self.jvp(x, y, g, {}), {}
+
+    def jvp2(self, x, y, a, b, dparams):
+        # with c = a - Σ y a:  D²y[a, a] = y ⊙ (c² - Σ_k y_k c_k²)
+        out = self.jvp(x, y, b, {}) if b is not None else np.zeros_like(y)
+        if a is None:
+            return out
+        c = a - np.sum(y * a, axis=self.axis, keepdims=True)
+        return out + 0.5 * y * (c * c - np.sum(y * c * c, axis=self.axis, keepdims=True))
 
     def describe(self) -> str:
         return f"axis={self.axis}"

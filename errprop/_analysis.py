@@ -97,6 +97,40 @@ class _Propagate:
         return out
 
 
+class _SecondOrder:
+    """Interpreter: Taylor-mode second order of the total error, ``Δ ≈ a + b``.
+
+    ``a`` is the first-order total, ``b`` the second-order coefficient; at each op
+    ``b_out = Jₓ b + ½ D²f[(a, dp), (a, dp)]`` (``Op.jvp2``): the cross terms
+    ``ΔW·Δx``, the curvature ``½ f''(x) Δx²``, and the second derivatives of softmax,
+    normalization and attention.
+    """
+
+    def __init__(self, forward, by_layer, dparams, errors) -> None:
+        self.forward, self.by_layer, self.dparams, self.errors = forward, by_layer, dparams, errors
+        self.nodes: dict[str, Array] = {}
+
+    def leaf(self, name: str, op: Op, state: tuple) -> tuple:
+        a, b = state
+        x, y = self.forward[name]
+        dps = {}
+        for src in self.by_layer.get(name, []):
+            if src.param is None:
+                e = self.errors[src.name]
+                a = e if a is None else a + e
+            else:
+                dps[src.param] = self.dparams[src.name]
+        a_out = op.jvp(x, y, a, dps)
+        b_out = op.jvp2(x, y, a, b, dps)
+        self.nodes[name] = a_out + b_out
+        return a_out, b_out
+
+    def residual(self, name: str, skip: tuple, branch: tuple) -> tuple:
+        out = tuple(t if s is None else s + t for s, t in zip(skip, branch))
+        self.nodes[name] = out[0] + out[1]
+        return out
+
+
 def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None = 0,
             rng: np.random.Generator | None = None, memory_limit: int = 2 ** 28) -> Report:
     """Exact and first-order quantization error of ``net`` on the batch ``x``.
@@ -176,7 +210,16 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
     def probes(count: int, probe_seed: int) -> dict[str, NodeStatistics]:
         return node_statistics(net, x, forward, ordered, probes=count, seed=probe_seed)
 
+    def second_order() -> dict[str, Array]:
+        errors = {k: v.error for k, v in ordered.items() if v.source.param is None}
+        second = _SecondOrder(forward, by_layer, dparams, errors)
+        a0 = errors.get("input")
+        with np.errstate(over="ignore", invalid="ignore"):
+            walk(net, (a0, None if a0 is None else np.zeros_like(a0)), second)
+        return second.nodes
+
     return Report(output=out.x, exact=out.xq - out.x, statistics=statistics, probes=probes,
+                  second_order=second_order,
                   first_order=np.zeros_like(out.x) if out.dx is None else out.dx.sum(axis=0),
                   contributions=contributions, nodes=interp.nodes, sources=ordered,
                   config=config)

@@ -103,6 +103,14 @@ class Linear(Op):
         dy = affine_tangent(x, self.params["W"], dx, dparams.get("W"), dparams.get("b"))
         return np.zeros_like(y) if dy is None else dy
 
+    def jvp2(self, x, y, a, b, dparams):
+        # the only second-order term of a bilinear map is the cross term a·dWᵀ
+        out = affine_tangent(x, self.params["W"], b, None, None)
+        if a is not None and "W" in dparams:
+            cross = a @ dparams["W"].T
+            out = cross if out is None else out + cross
+        return np.zeros_like(y) if out is None else out
+
     def vjp(self, x, y, g, params=()):
         gparams = {}
         if "W" in params:

@@ -122,7 +122,8 @@ class Report:
                  contributions: dict[str, Array], nodes: dict[str, NodeResult],
                  sources: dict[str, SourceResult], config: QuantConfig,
                  statistics: Callable[[], OutputStatistics] | None = None,
-                 probes: Callable[[int, int], dict[str, NodeStatistics]] | None = None) -> None:
+                 probes: Callable[[int, int], dict[str, NodeStatistics]] | None = None,
+                 second_order: Callable[[], dict[str, Array]] | None = None) -> None:
         self.output = output
         self.exact = exact
         self.first_order = first_order
@@ -133,6 +134,32 @@ class Report:
         self._make_statistics = statistics
         self._statistics: OutputStatistics | None = None
         self._make_probes = probes
+        self._make_second = second_order
+        self._second: dict[str, Array] | None = None
+
+    @property
+    def second_order_nodes(self) -> dict[str, Array]:
+        """Second-order prediction of the exact error at every node (computed on first use).
+
+        Taylor mode: first order plus the cross terms ``ΔW·Δx``, the curvature terms
+        ``½ f''(x) Δx²`` and the second derivatives of softmax, normalization and
+        attention, for the same source errors as ``first_order``.
+        """
+        if self._second is None:
+            if self._make_second is None:
+                raise ValueError("this report carries no graph: build it with analyze()")
+            self._second = self._make_second()
+        return self._second
+
+    @property
+    def second_order(self) -> Array:
+        """Second-order prediction of ``exact`` at the output."""
+        return self.second_order_nodes[list(self.nodes)[-1]]
+
+    @property
+    def second_order_residual(self) -> float:
+        """``‖exact − second_order‖ / ‖exact‖`` at the output."""
+        return relative_residual(self.exact, self.second_order)
         self._probes: dict[tuple[int, int], dict[str, NodeStatistics]] = {}
 
     def node_statistics(self, probes: int = 64, seed: int = 0) -> dict[str, NodeStatistics]:

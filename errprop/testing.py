@@ -13,7 +13,8 @@
    (the propagation engine and the random-probe estimator rely on it);
 4. that ``linearize(x)`` returns ``forward(x)`` and the same rule as ``jvp``;
 5. the transposed rule ``vjp`` by the dot-product test against ``jvp``, with
-   parameter cotangents checked per batch element.
+   parameter cotangents checked per batch element;
+6. the second-order rule ``jvp2`` against a second difference of ``forward``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _close(a: Array, b: Array, rtol: float, atol: float) -> bool:
 
 
 def check_rule(op: Op, x: object, *, rtol: float = 1e-6, seed: int = 0, h: float = 1e-3,
-               directions: int = 2, check_vjp: bool = True) -> None:
+               directions: int = 2, check_vjp: bool = True, check_jvp2: bool = True) -> None:
     """Check ``op``'s first-order rule at ``x``; raise ``AssertionError`` naming what is wrong.
 
     Parameters
@@ -75,6 +76,9 @@ def check_rule(op: Op, x: object, *, rtol: float = 1e-6, seed: int = 0, h: float
     directions : random directions tried per tangent.
     check_vjp : also check the transposed rule ``vjp`` against ``jvp`` by the
         dot-product test ``<g, J d> = <Jᵀ g, d>``, per batch element for parameters.
+    check_jvp2 : also check the second-order rule ``jvp2`` against the second
+        difference of ``forward`` along a random ``(a, b, dparams)`` (relative error
+        < 1e-5, since the default ``jvp2`` is itself a numerical derivative).
     """
     x = np.asarray(x, dtype=np.float64)
     rng = np.random.default_rng(seed)
@@ -144,6 +148,8 @@ def check_rule(op: Op, x: object, *, rtol: float = 1e-6, seed: int = 0, h: float
                                      f"axis on the input tangent: dx of shape "
                                      f"{(len(dirs), *x.shape)} gave {stacked.shape}, expected "
                                      f"the stack of single-direction results")
+    if check_jvp2:
+        _check_jvp2(op, x, y, rng, h)
 
 
 def _check_vjp(op: Op, x: Array, y: Array, target: str | None, d: Array, jd: Array,
@@ -178,3 +184,24 @@ def _check_vjp(op: Op, x: Array, y: Array, target: str | None, d: Array, jd: Arr
     if not _close(rhs, lhs, 1e-9, floor):
         raise AssertionError(f"{op!r}: vjp is not the transpose of jvp for {label}: "
                              f"<g, J d> = {np.ravel(lhs)[:3]} but <Jᵀg, d> = {np.ravel(rhs)[:3]}")
+
+
+def _check_jvp2(op: Op, x: Array, y: Array, rng: np.random.Generator, h: float) -> None:
+    """``jvp2`` is the t² coefficient of ``forward(x + t a + t² b; p + t dp)``."""
+    a, b = rng.standard_normal(x.shape), rng.standard_normal(x.shape)
+    dps = {k: rng.standard_normal(v.shape) for k, v in op.params.items()}
+
+    def at(t: float) -> Array:
+        return op.forward(x + t * a + t * t * b, {k: v + t * dps[k] for k, v in op.params.items()})
+
+    def coefficient(t: float) -> Array:
+        return (at(t) + at(-t) - 2.0 * y) / (2.0 * t * t)
+
+    got = op.jvp2(x, y, a, b, dps)
+    atol = 1e-8 * max(_rms(y), 1.0) * np.sqrt(y.size)
+    for step in (10 * h, 2.5 * h, h, h / 4):
+        want = (4.0 * coefficient(step / 2) - coefficient(step)) / 3.0
+        if _close(got, want, 1e-5, atol):
+            return
+    raise AssertionError(f"{op!r}: the second-order rule jvp2 disagrees with the second "
+                         f"difference of forward: relative error {_rel(got, want, atol):.3g}")

@@ -212,3 +212,42 @@ def test_finite_difference_is_accurate(rng):
     x, d = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
     fd = finite_difference(_Sin(), x, d)
     np.testing.assert_allclose(fd, np.cos(x) * d, rtol=1e-10, atol=1e-12)
+
+
+class _TanhNoHalf(ep.Op):
+    """Right first-order rule, second-order rule missing the ½ of ½ f''(x) a²."""
+
+    def forward(self, x, params=None):
+        return np.tanh(x)
+
+    def jvp(self, x, y, dx, dparams):
+        return (1 - y * y) * dx
+
+    def vjp(self, x, y, g, params=()):
+        return (1 - y * y) * g, {}
+
+    def jvp2(self, x, y, a, b, dparams):
+        return (1 - y * y) * b - 2 * y * (1 - y * y) * a * a
+
+
+def test_checker_rejects_a_wrong_second_order_rule(rng):
+    with pytest.raises(AssertionError, match="second-order rule jvp2"):
+        check_rule(_TanhNoHalf(), rng.standard_normal((3, 8)))
+
+
+def test_default_second_order_rule_is_checked_too(rng):
+    # an op that does not override jvp2 gets the numerical default, which must pass
+    class _Cube(ep.Op):
+        def forward(self, x, params=None):
+            return x ** 3
+
+        def jvp(self, x, y, dx, dparams):
+            return 3 * x * x * dx
+
+        def vjp(self, x, y, g, params=()):
+            return 3 * x * x * g, {}
+
+    x, a = rng.standard_normal((2, 5)), rng.standard_normal((2, 5))
+    check_rule(_Cube(), x)
+    # closed form: ½ f''(x) a² = 3 x a²
+    np.testing.assert_allclose(_Cube().jvp2(x, x ** 3, a, None, {}), 3 * x * a * a, rtol=1e-7)
