@@ -134,6 +134,7 @@ class Report:
         self._make_statistics = statistics
         self._statistics: OutputStatistics | None = None
         self._make_probes = probes
+        self._probes: dict[tuple[int, int], dict[str, NodeStatistics]] = {}
         self._make_second = second_order
         self._second: dict[str, Array] | None = None
 
@@ -160,7 +161,6 @@ class Report:
     def second_order_residual(self) -> float:
         """``‖exact − second_order‖ / ‖exact‖`` at the output."""
         return relative_residual(self.exact, self.second_order)
-        self._probes: dict[tuple[int, int], dict[str, NodeStatistics]] = {}
 
     def node_statistics(self, probes: int = 64, seed: int = 0) -> dict[str, NodeStatistics]:
         """First-order error statistics at every node, estimated with random probes.
