@@ -69,6 +69,13 @@ ACTIVATIONS: dict[str, _Elementwise] = {
 }
 
 
+def saturated_rows(p: Array, axis: int = -1, threshold: float = 0.99) -> float:
+    """Fraction of softmax rows whose largest probability exceeds ``threshold``: there
+    the Jacobian ``diag(y) - y yᵀ`` nearly vanishes and a change of the winning logit
+    is invisible to first order."""
+    return float(np.mean(np.max(p, axis=axis) > threshold))
+
+
 class Activation(Op):
     """Elementwise nonlinearity ``y = f(x)``; first-order rule ``Δy = f'(x)·Δx``.
 
@@ -106,6 +113,12 @@ class Activation(Op):
 
     def vjp(self, x, y, g, params=()):
         return self.fn.d1(x, y) * g, {}
+
+    def diagnose(self, x, y, dx):
+        if self.fn.kink is None:
+            return {}
+        # inputs within one error of the kink may cross it: no derivative describes that
+        return {"near_kink": float(np.mean(np.abs(x - self.fn.kink) <= np.abs(dx)))}
 
     def jvp2(self, x, y, a, b, dparams):
         # b_out = f'(x)·b + ½ f''(x)·a²
@@ -149,6 +162,9 @@ class Softmax(Op):
     def vjp(self, x, y, g, params=()):
         # the softmax Jacobian diag(y) - y yᵀ is symmetric
         return self.jvp(x, y, g, {}), {}
+
+    def diagnose(self, x, y, dx):
+        return {"saturated": saturated_rows(y, self.axis)}
 
     def jvp2(self, x, y, a, b, dparams):
         # with c = a - Σ y a:  D²y[a, a] = y ⊙ (c² - Σ_k y_k c_k²)

@@ -54,13 +54,15 @@ class _Propagate:
         self.forward: dict[str, tuple[Array, Array]] = {}  # leaf -> float (input, output)
         self.activation_results: dict[str, SourceResult] = {}
 
-    def _record(self, name: str, kind: str, s: _State) -> None:
+    def _record(self, name: str, kind: str, s: _State,
+                diagnostics: Mapping[str, float] | None = None) -> None:
         check_finite_node(name, "float output", s.x)
         check_finite_node(name, "quantized network's output", s.xq)
         first = np.zeros_like(s.x) if s.dx is None else s.dx.sum(axis=0)
         rms = {} if s.dx is None else dict(zip(
             s.keys, np.sqrt(np.mean(s.dx.reshape(len(s.keys), -1) ** 2, axis=1)).tolist()))
-        self.nodes[name] = NodeResult(name, kind, s.x, s.xq - s.x, first, rms)
+        self.nodes[name] = NodeResult(name, kind, s.x, s.xq - s.x, first, rms,
+                                      dict(diagnostics or {}))
 
     def leaf(self, name: str, op: Op, s: _State) -> _State:
         x, xq, keys, dx = s.x, s.xq, list(s.keys), s.dx
@@ -76,6 +78,7 @@ class _Propagate:
                 dx = _stack(dx, q_float - x)
         y, rule = op.linearize(x)
         self.forward[name] = (x, y)
+        diagnostics = op.diagnose(x, y, np.zeros_like(x) if dx is None else dx.sum(axis=0))
         dy = None if dx is None else rule(dx, {})
         for src in sources:
             if src.param is not None:
@@ -83,7 +86,7 @@ class _Propagate:
                 dy = _stack(dy, rule(None, {src.param: self.dparams[src.name]}))
         yq = op.forward(xq, self.qparams.get(name))
         out = _State(y, yq, keys, dy)
-        self._record(name, type(op).__name__, out)
+        self._record(name, type(op).__name__, out, diagnostics)
         return out
 
     def residual(self, name: str, skip: _State, branch: _State) -> _State:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ._activation import saturated_rows
 from ._linear import _matmul_t, affine_tangent
 from ._op import Array, Op, Rule, align_sampled, as_param, per_sample_outer, per_sample_sum
 
@@ -149,6 +150,10 @@ class Attention(Op):
 
     def jvp(self, x, y, dx, dparams):
         return self.linearize(x)[1](dx, dparams)
+
+    def diagnose(self, x, y, dx):
+        A = self._attend(x, None)[3]
+        return {"saturated": saturated_rows(A)}
 
     def vjp(self, x, y, g, params=()):
         q, k, v, A, o = self._attend(x, None)

@@ -87,6 +87,11 @@ class LayerNorm(Op):
             gparams["beta"] = per_sample_sum(g, x.ndim)
         return gx, gparams
 
+    def diagnose(self, x, y, dx):
+        # rows whose variance is within 100·eps of eps: gain near 1/sqrt(eps)
+        var = _mean((x - _mean(x)) ** 2)
+        return {"flat_norm": float(np.mean(var < 100.0 * self.eps))}
+
     def describe(self) -> str:
         return f"d={self.in_features}, eps={self.eps:g}"
 
@@ -144,6 +149,9 @@ class RMSNorm(Op):
         if "gamma" in params:
             gparams["gamma"] = per_sample_sum(g * xn, x.ndim)
         return gx, gparams
+
+    def diagnose(self, x, y, dx):
+        return {"flat_norm": float(np.mean(_mean(x * x) < 100.0 * self.eps))}
 
     def describe(self) -> str:
         return f"d={self.in_features}, eps={self.eps:g}"

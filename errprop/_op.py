@@ -170,6 +170,14 @@ class Op(ABC):
                 break
         return out + 0.5 * best
 
+    def diagnose(self, x: Array, y: Array, dx: Array) -> dict[str, float]:
+        """Where this op's first-order rule may be unreliable, given the input error ``dx``.
+
+        Returns named fractions in [0, 1] (e.g. ``"near_kink"``, ``"saturated"``,
+        ``"flat_norm"``); empty when the op has no such regime.
+        """
+        return {}
+
     def linearize(self, x: Array) -> tuple[Array, Rule]:
         """Forward output and the first-order rule closed over any intermediates."""
         y = self.forward(x)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -13,6 +13,7 @@ from ._op import Array
 from ._quant import ErrorModel, UniformGrid
 
 if TYPE_CHECKING:
+    from ._compare import Comparison
     from ._config import QuantConfig, Source
     from ._probes import NodeStatistics
     from ._statistics import OutputStatistics
@@ -53,6 +54,10 @@ class NodeResult:
     exact : fake-quantized minus float output.
     first_order : the first-order prediction of ``exact``.
     source_rms : source name -> RMS of its first-order contribution here.
+    diagnostics : where first order may be unreliable at this op, as fractions:
+        ``near_kink`` (ReLU inputs within one error of 0), ``saturated`` (softmax
+        rows with a probability above 0.99), ``flat_norm`` (normalization rows
+        with variance below 100·eps).
     """
 
     name: str
@@ -61,6 +66,7 @@ class NodeResult:
     exact: Array
     first_order: Array
     source_rms: Mapping[str, float]
+    diagnostics: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def rms_exact(self) -> float:
@@ -240,6 +246,14 @@ class Report:
     def sqnr_db(self) -> float:
         """Output SQNR of the exact error, ``20·log10(‖y‖/‖Δy‖)`` dB."""
         return sqnr_db(self.output, self.exact)
+
+    def compare(self, mc: Any = None, *, probes: int = 64, seed: int = 0) -> Comparison:
+        """Exact, first and second order, analytic statistics and (optionally) a
+        :func:`monte_carlo` result side by side per node, with the nodes where
+        analytic and Monte Carlo disagree flagged (see :mod:`errprop._compare`)."""
+        from ._compare import compare
+
+        return compare(self, mc, probes=probes, seed=seed)
 
     def table(self) -> str:
         """Per-node table: RMS of value, exact and first-order error, residual, SQNR."""
