@@ -13,10 +13,14 @@ from ._config import QuantConfig, Source
 from ._convergence import Convergence, ConvergenceRow, convergence
 from ._graph import NodeInfo, Residual, Sequential
 from ._linear import Linear
+from ._montecarlo import MonteCarloResult, NodeStats, monte_carlo
 from ._norm import LayerNorm, RMSNorm
 from ._op import Op
 from ._quant import ErrorModel, Quantizer, Uniform, UniformGrid
+from ._compare import Comparison, ComparisonRow
+from ._probes import NodeStatistics
 from ._report import NodeResult, Report, SourceResult, relative_residual, sqnr_db
+from ._statistics import OutputStatistics
 
 __version__ = "0.1.0"
 
@@ -24,14 +28,20 @@ __all__ = [
     "ACTIVATIONS",
     "Activation",
     "Attention",
+    "Comparison",
+    "ComparisonRow",
     "Convergence",
     "ConvergenceRow",
     "ErrorModel",
     "LayerNorm",
     "Linear",
+    "MonteCarloResult",
     "NodeInfo",
     "NodeResult",
+    "NodeStatistics",
+    "NodeStats",
     "Op",
+    "OutputStatistics",
     "QuantConfig",
     "Quantizer",
     "RMSNorm",
@@ -46,6 +56,7 @@ __all__ = [
     "analyze",
     "convergence",
     "mlp",
+    "monte_carlo",
     "relative_residual",
     "sqnr_db",
     "transformer",

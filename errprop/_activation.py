@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -10,12 +11,12 @@ from scipy import special
 
 from ._op import Array, Op
 
-_SQRT_2_OVER_PI = np.sqrt(2.0 / np.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # a Python float keeps float32 arrays float32
 _GELU_TANH_A = 0.044715
 
 
 def _phi(x: Array) -> Array:
-    return np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
+    return np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
 
 
 def _gelu_tanh_parts(x: Array) -> tuple[Array, Array]:

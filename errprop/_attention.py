@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -102,7 +103,7 @@ class Attention(Op):
         q = self._split(self._affine(x, params, "Wq", "bq"))
         k = self._split(self._affine(x, params, "Wk", "bk"))
         v = self._split(self._affine(x, params, "Wv", "bv"))
-        S = (q @ np.swapaxes(k, -1, -2)) / np.sqrt(self.head_dim)
+        S = (q @ np.swapaxes(k, -1, -2)) / math.sqrt(self.head_dim)
         mask = self._mask(x.shape[-2])
         if mask is not None:
             S = np.where(mask, -np.inf, S)
@@ -122,7 +123,7 @@ class Attention(Op):
         q, k, v, A, o = self._attend(x, None)
         y = self._affine(o, None, "Wo", "bo")
         P = self.params
-        scale = 1.0 / np.sqrt(self.head_dim)
+        scale = 1.0 / math.sqrt(self.head_dim)
 
         def d_affine(dx, dparams, w, b, inp):
             return affine_tangent(inp, P[w], dx, dparams.get(w), dparams.get(b))
@@ -158,7 +159,7 @@ class Attention(Op):
     def vjp(self, x, y, g, params=()):
         q, k, v, A, o = self._attend(x, None)
         P = self.params
-        scale = 1.0 / np.sqrt(self.head_dim)
+        scale = 1.0 / math.sqrt(self.head_dim)
         gparams = {}
         go = g @ P["Wo"]
         gO = self._split(go)

@@ -17,6 +17,10 @@ def _matmul_t(x: Array, W: Array) -> Array:
     """
     if W.ndim == 2:
         return x @ W.T
+    if x.shape[0] == W.shape[0]:
+        # one (rows, in) @ (in, out) product per sample, rows = batch · tokens
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]) @ np.swapaxes(W, -1, -2)
+        return flat.reshape(*x.shape[:-1], W.shape[1])
     extra = x.ndim - 2  # axes between the sample axis and the feature axis
     Wt = np.swapaxes(W, -1, -2).reshape(W.shape[0], *([1] * (extra - 1)), W.shape[2], W.shape[1])
     return x @ Wt

@@ -21,6 +21,7 @@ import numpy as np
 from ._op import Array
 
 ROUNDINGS = ("nearest", "stochastic", "floor")
+_MAX_STEP = float(np.sqrt(np.finfo(np.float64).max / 12))  # s²/12 must stay finite
 GRANULARITIES = ("tensor", "channel", "group")
 CLIPS = ("minmax", "percentile", "mse")
 SCALES = ("float", "pow2")
@@ -110,7 +111,10 @@ class UniformGrid:
         """Per-element error model of quantizing ``x`` with this grid."""
         s = np.broadcast_to(self.scale, x.shape)
         lo, hi = np.broadcast_to(self.lo, x.shape), np.broadcast_to(self.hi, x.shape)
-        clipped = (x < lo) | (x > hi)
+        # a value within a few ulp of the range's end (the calibration maximum itself,
+        # after qmax·(amax/qmax) rounds) is rounded, not clipped
+        slack = 4 * np.finfo(np.float64).eps * np.maximum(np.abs(lo), np.abs(hi))
+        clipped = (x < lo - slack) | (x > hi + slack)
         clip_err = np.clip(x, lo, hi) - x
         width = s
         if self.rounding == "nearest":
@@ -257,6 +261,10 @@ class Uniform(Quantizer):
         xg, axes = self._groups(x, channel_axis, what)
         lo, hi = self._range(xg, axes)
         scale, zero = self._grid_for(lo, hi)
+        if np.max(scale) > _MAX_STEP:
+            raise ValueError(f"Uniform: {what} has values up to {np.max(np.abs(x)):.3g}; its "
+                             f"quantization step {np.max(scale):.3g} squared overflows float64 "
+                             f"(rescale the tensor)")
         if self.clip == "mse":
             best = np.full(scale.shape, np.inf)
             for ratio in np.linspace(0.3, 1.0, 36):

@@ -12,7 +12,7 @@ def _python_blocks(path):
     return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/adding-an-op.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/adding-an-op.md", "docs/montecarlo.md"])
 def test_python_blocks_run(doc):
     blocks = _python_blocks(ROOT / doc)
     assert blocks, f"{doc} has no python code block"
