@@ -226,6 +226,23 @@ class Report:
         return self._stats().bound(confidence, method)
 
     @property
+    def bias(self) -> Array:
+        """Systematic output error per output feature: the first-order error averaged over
+        the batch (and token) axes. For fixed rounding of a linear layer this is
+        ``ΔW · mean(x)``, the quantity bias correction removes."""
+        return self.first_order.reshape(-1, self.first_order.shape[-1]).mean(axis=0)
+
+    @property
+    def bias_contributions(self) -> dict[str, Array]:
+        """Per-source share of :attr:`bias`; the shares sum to it."""
+        return {k: v.reshape(-1, v.shape[-1]).mean(axis=0) for k, v in self.contributions.items()}
+
+    @property
+    def exact_bias(self) -> Array:
+        """The exact error averaged over the batch (and token) axes, per output feature."""
+        return self.exact.reshape(-1, self.exact.shape[-1]).mean(axis=0)
+
+    @property
     def exact_mse(self) -> float:
         """MSE of the exact error, mean over output elements."""
         return float(np.mean(self.exact ** 2))
