@@ -70,6 +70,12 @@ ACTIVATIONS: dict[str, _Elementwise] = {
 }
 
 
+def softmax_abs(y: Array, r: Array, axis: int = -1) -> Array:
+    """``|J| r`` for the softmax Jacobian ``J = diag(y) − y yᵀ``:
+    ``y_i (1 − y_i) r_i + y_i Σ_{k≠i} y_k r_k = y_i ((1 − 2 y_i) r_i + Σ_k y_k r_k)``."""
+    return y * ((1.0 - 2.0 * y) * r + np.sum(y * r, axis=axis, keepdims=True))
+
+
 def saturated_rows(p: Array, axis: int = -1, threshold: float = 0.99) -> float:
     """Fraction of softmax rows whose largest probability exceeds ``threshold``: there
     the Jacobian ``diag(y) - y yᵀ`` nearly vanishes and a change of the winning logit
@@ -114,6 +120,15 @@ class Activation(Op):
 
     def vjp(self, x, y, g, params=()):
         return self.fn.d1(x, y) * g, {}
+
+    def abs_jvp(self, x, y, r, rparams):
+        if r is None:
+            return np.zeros_like(y)
+        # at a kink the one-sided slopes differ: bound with the larger (1 for ReLU)
+        slope = np.abs(self.fn.d1(x, y))
+        if self.fn.kink is not None:
+            slope = np.where(x == self.fn.kink, np.maximum(slope, 1.0), slope)
+        return slope * r
 
     def diagnose(self, x, y, dx):
         if self.fn.kink is None:
@@ -163,6 +178,9 @@ class Softmax(Op):
     def vjp(self, x, y, g, params=()):
         # the softmax Jacobian diag(y) - y yᵀ is symmetric
         return self.jvp(x, y, g, {}), {}
+
+    def abs_jvp(self, x, y, r, rparams):
+        return np.zeros_like(y) if r is None else softmax_abs(y, r, self.axis)
 
     def diagnose(self, x, y, dx):
         return {"saturated": saturated_rows(y, self.axis)}

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._activation import saturated_rows
+from ._activation import saturated_rows, softmax_abs
 from ._linear import _matmul_t, affine_tangent
 from ._op import Array, Op, Rule, align_sampled, as_param, per_sample_outer, per_sample_sum
 
@@ -151,6 +151,30 @@ class Attention(Op):
 
     def jvp(self, x, y, dx, dparams):
         return self.linearize(x)[1](dx, dparams)
+
+    def abs_jvp(self, x, y, r, rparams):
+        # the first-order rule stage by stage, every factor in absolute value
+        q, k, v, A, o = self._attend(x, None)
+        P = self.params
+        ax, scale = np.abs(x), 1.0 / math.sqrt(self.head_dim)
+
+        def stage(rin, inp, w, b):
+            return affine_tangent(inp, np.abs(P[w]), rin, rparams.get(w), rparams.get(b))
+
+        rq, rk, rv = (stage(r, ax, w, b) for w, b in (("Wq", "bq"), ("Wk", "bk"), ("Wv", "bv")))
+        ro = None
+        if rq is not None or rk is not None:
+            rS = 0.0
+            if rq is not None:
+                rS = rS + self._split(rq) @ np.swapaxes(np.abs(k), -1, -2)
+            if rk is not None:
+                rS = rS + np.abs(q) @ np.swapaxes(self._split(rk), -1, -2)
+            ro = softmax_abs(A, rS * scale) @ np.abs(v)
+        if rv is not None:
+            ro = A @ self._split(rv) if ro is None else ro + A @ self._split(rv)
+        out = stage(None if ro is None else self._merge(ro), np.abs(o), "Wo", "bo")
+        return np.zeros_like(y) if out is None else np.broadcast_to(
+            out, (*out.shape[:out.ndim - y.ndim], *y.shape)).copy()
 
     def diagnose(self, x, y, dx):
         A = self._attend(x, None)[3]

@@ -34,7 +34,8 @@ class ComparisonRow:
     second_order_ratio: float  # ‖b‖ / ‖a‖: the size of the neglected terms
     rms_analytic: float  # sqrt of the first-order MSE under the noise model
     rms_analytic_se: float  # its standard error (0 where exact: at the output)
-    worst_case: float | None  # max over elements of the first-order worst case (output)
+    worst_case: float  # max over elements: exact first-order worst case at the output,
+    #                    the interval bound elsewhere
     rms_mc: float | None
     rms_mc_ci: tuple[float, float] | None
     disagrees: bool  # analytic outside Monte Carlo's interval
@@ -55,7 +56,8 @@ class Comparison:
         return [r.name for r in self.rows if r.disagrees]
 
     def table(self) -> str:
-        head = ["node", "kind", "rms exact", "1st order", "2nd order", "analytic ±se"]
+        head = ["node", "kind", "rms exact", "1st order", "2nd order", "analytic ±se",
+                "max worst"]
         if self.mc_samples is not None:
             head += ["Monte Carlo [99% CI]", "!"]
         head += ["notes"]
@@ -63,7 +65,8 @@ class Comparison:
         for r in self.rows:
             se = f" ±{r.rms_analytic_se:.1e}" if r.rms_analytic_se else " (exact)"
             row = [r.name, r.kind, f"{r.rms_exact:.3e}", f"{r.rms_first_order:.3e}",
-                   f"{r.rms_second_order:.3e}", f"{r.rms_analytic:.3e}{se}"]
+                   f"{r.rms_second_order:.3e}", f"{r.rms_analytic:.3e}{se}",
+                   f"{r.worst_case:.2e}"]
             if self.mc_samples is not None:
                 lo, hi = r.rms_mc_ci or (float("nan"), float("nan"))
                 row += [f"{r.rms_mc:.3e} [{lo:.2e}, {hi:.2e}]", "!" if r.disagrees else ""]
@@ -74,7 +77,8 @@ class Comparison:
                 for row in (head, *body)]
         text.insert(1, "  ".join("-" * w for w in widths))
         legend = [f"analytic: first-order RMS under the noise model (random probes, "
-                  f"P={self.probes}; exact at the output)"]
+                  f"P={self.probes}; exact at the output); max worst: largest first-order "
+                  f"worst case (exact at the output, interval bound elsewhere)"]
         if self.mc_samples is not None:
             legend.append(f"Monte Carlo: {self.mc_samples} samples; '!' marks analytic outside "
                           f"the Monte Carlo interval: first order has broken down there")
@@ -104,7 +108,8 @@ def compare(report: Report, mc: Any = None, *, probes: int = 64, seed: int = 0) 
         if name == output:
             mse, se, worst = report.mse, 0.0, float(np.max(report.worst_case))
         else:
-            mse, se, worst = stats[name].mse, stats[name].mse_se, None
+            mse, se = stats[name].mse, stats[name].mse_se
+            worst = float(np.max(report.interval_nodes[name]))
         rms = float(np.sqrt(mse))
         rms_se = se / (2 * rms) if rms > 0 else 0.0
         notes = [f"{key.replace('_', ' ')} {value:.0%}" for key, value in node.diagnostics.items()

@@ -107,6 +107,11 @@ class Linear(Op):
         dy = affine_tangent(x, self.params["W"], dx, dparams.get("W"), dparams.get("b"))
         return np.zeros_like(y) if dy is None else dy
 
+    def abs_jvp(self, x, y, r, rparams):
+        out = affine_tangent(np.abs(x), np.abs(self.params["W"]), r, rparams.get("W"),
+                             rparams.get("b"))
+        return np.zeros_like(y) if out is None else out
+
     def jvp2(self, x, y, a, b, dparams):
         # the only second-order term of a bilinear map is the cross term a·dWᵀ
         out = affine_tangent(x, self.params["W"], b, None, None)

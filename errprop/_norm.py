@@ -13,6 +13,23 @@ def _mean(a: Array) -> Array:
     return np.mean(a, axis=-1, keepdims=True)
 
 
+def _abs_projection(u: Array, r: Array, *, centred: bool, chunk: int = 2 ** 22) -> Array:
+    """``Σ_j |δ_ij − (c + u_i u_j)/d| r_j`` per row (``c = 1`` centred, 0 otherwise),
+    in row chunks so the ``(rows, d, d)`` blocks stay under ``chunk`` elements."""
+    d = u.shape[-1]
+    c = 1.0 if centred else 0.0
+    uf, rf = u.reshape(-1, d), np.broadcast_to(r, (*r.shape[:r.ndim - u.ndim], *u.shape))
+    lead = rf.shape[:rf.ndim - u.ndim]
+    rf = rf.reshape(-1, uf.shape[0], d)
+    out = np.empty_like(rf)
+    eye = np.eye(d)
+    step = max(1, chunk // (d * d))
+    for i in range(0, uf.shape[0], step):
+        M = np.abs(eye - (c + uf[i:i + step, :, None] * uf[i:i + step, None, :]) / d)
+        out[:, i:i + step] = np.einsum("nij,knj->kni", M, rf[:, i:i + step])
+    return out.reshape(*lead, *u.shape)
+
+
 class LayerNorm(Op):
     r"""Layer normalization over the last axis.
 
@@ -87,6 +104,18 @@ class LayerNorm(Op):
             gparams["beta"] = per_sample_sum(g, x.ndim)
         return gx, gparams
 
+    def abs_jvp(self, x, y, r, rparams):
+        xhat, sigma = self._normalize(x)
+        out = np.zeros_like(y)
+        if r is not None:
+            # |J|_ij = |γ_i|/σ · |δ_ij − (1 + x̂_i x̂_j)/d|, one (d, d) block per row
+            out = np.abs(self.params["gamma"]) * _abs_projection(xhat, r, centred=True) / sigma
+        if "gamma" in rparams:
+            out = out + param_tangent(rparams["gamma"], 1, y.ndim) * np.abs(xhat)
+        if "beta" in rparams:
+            out = out + param_tangent(rparams["beta"], 1, y.ndim)
+        return out
+
     def diagnose(self, x, y, dx):
         # rows whose variance is within 100·eps of eps: gain near 1/sqrt(eps)
         var = _mean((x - _mean(x)) ** 2)
@@ -149,6 +178,16 @@ class RMSNorm(Op):
         if "gamma" in params:
             gparams["gamma"] = per_sample_sum(g * xn, x.ndim)
         return gx, gparams
+
+    def abs_jvp(self, x, y, r, rparams):
+        rms = np.sqrt(_mean(x * x) + self.eps)
+        xn = x / rms
+        out = np.zeros_like(y)
+        if r is not None:
+            out = np.abs(self.params["gamma"]) * _abs_projection(xn, r, centred=False) / rms
+        if "gamma" in rparams:
+            out = out + param_tangent(rparams["gamma"], 1, y.ndim) * np.abs(xn)
+        return out
 
     def diagnose(self, x, y, dx):
         return {"flat_norm": float(np.mean(_mean(x * x) < 100.0 * self.eps))}

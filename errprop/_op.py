@@ -170,6 +170,17 @@ class Op(ABC):
                 break
         return out + 0.5 * best
 
+    def abs_jvp(self, x: Array, y: Array, r: Array | None,
+                rparams: Mapping[str, Array]) -> Array:
+        """Interval rule: an elementwise bound on ``|Δy|`` at first order.
+
+        Given ``|Δx| ≤ r`` elementwise (``None``: ``Δx = 0``) and ``|Δp| ≤ rparams[p]``,
+        return ``R ≥ 0`` with ``|jvp(x, y, Δx, Δp)| ≤ R`` for *every* such pattern —
+        the Jacobian taken in absolute value, ``|J| r``, stage by stage.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no interval rule (abs_jvp); "
+                                  f"per-node worst-case bounds need one")
+
     def diagnose(self, x: Array, y: Array, dx: Array) -> dict[str, float]:
         """Where this op's first-order rule may be unreliable, given the input error ``dx``.
 

@@ -129,7 +129,8 @@ class Report:
                  sources: dict[str, SourceResult], config: QuantConfig,
                  statistics: Callable[[], OutputStatistics] | None = None,
                  probes: Callable[[int, int], dict[str, NodeStatistics]] | None = None,
-                 second_order: Callable[[], dict[str, Array]] | None = None) -> None:
+                 second_order: Callable[[], dict[str, Array]] | None = None,
+                 interval: Callable[[], dict[str, Array]] | None = None) -> None:
         self.output = output
         self.exact = exact
         self.first_order = first_order
@@ -143,6 +144,19 @@ class Report:
         self._probes: dict[tuple[int, int], dict[str, NodeStatistics]] = {}
         self._make_second = second_order
         self._second: dict[str, Array] | None = None
+        self._make_interval = interval
+        self._interval: dict[str, Array] | None = None
+
+    @property
+    def interval_nodes(self) -> dict[str, Array]:
+        """Elementwise first-order worst-case bound at every node, by interval propagation
+        (one forward pass; dominates every error pattern in the quantizers' boxes, looser
+        than the exact :attr:`worst_case` at the output). Computed on first use."""
+        if self._interval is None:
+            if self._make_interval is None:
+                raise ValueError("this report carries no graph: build it with analyze()")
+            self._interval = self._make_interval()
+        return self._interval
 
     @property
     def second_order_nodes(self) -> dict[str, Array]:

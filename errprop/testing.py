@@ -14,7 +14,9 @@
 4. that ``linearize(x)`` returns ``forward(x)`` and the same rule as ``jvp``;
 5. the transposed rule ``vjp`` by the dot-product test against ``jvp``, with
    parameter cotangents checked per batch element;
-6. the second-order rule ``jvp2`` against a second difference of ``forward``.
+6. the second-order rule ``jvp2`` against a second difference of ``forward``;
+7. the interval rule ``abs_jvp`` bounds ``|jvp|`` for random and sign-aligned
+   tangents inside its box.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def _close(a: Array, b: Array, rtol: float, atol: float) -> bool:
 
 
 def check_rule(op: Op, x: object, *, rtol: float = 1e-6, seed: int = 0, h: float = 1e-3,
-               directions: int = 2, check_vjp: bool = True, check_jvp2: bool = True) -> None:
+               directions: int = 2, check_vjp: bool = True, check_jvp2: bool = True,
+               check_abs: bool = True) -> None:
     """Check ``op``'s first-order rule at ``x``; raise ``AssertionError`` naming what is wrong.
 
     Parameters
@@ -79,6 +82,8 @@ def check_rule(op: Op, x: object, *, rtol: float = 1e-6, seed: int = 0, h: float
     check_jvp2 : also check the second-order rule ``jvp2`` against the second
         difference of ``forward`` along a random ``(a, b, dparams)`` (relative error
         < 1e-5, since the default ``jvp2`` is itself a numerical derivative).
+    check_abs : also check the interval rule ``abs_jvp``: it must bound ``|jvp|`` for
+        random and sign-aligned tangents inside the box it is given.
     """
     x = np.asarray(x, dtype=np.float64)
     rng = np.random.default_rng(seed)
@@ -150,6 +155,8 @@ def check_rule(op: Op, x: object, *, rtol: float = 1e-6, seed: int = 0, h: float
                                      f"the stack of single-direction results")
     if check_jvp2:
         _check_jvp2(op, x, y, rng, h)
+    if check_abs:
+        _check_abs(op, x, y, rng)
 
 
 def _check_vjp(op: Op, x: Array, y: Array, target: str | None, d: Array, jd: Array,
@@ -205,3 +212,25 @@ def _check_jvp2(op: Op, x: Array, y: Array, rng: np.random.Generator, h: float) 
             return
     raise AssertionError(f"{op!r}: the second-order rule jvp2 disagrees with the second "
                          f"difference of forward: relative error {_rel(got, want, atol):.3g}")
+
+
+def _check_abs(op: Op, x: Array, y: Array, rng: np.random.Generator) -> None:
+    """``|jvp(Δx, Δp)| ≤ abs_jvp(r, rp)`` whenever ``|Δx| ≤ r`` and ``|Δp| ≤ rp``."""
+    r = rng.uniform(0.1, 1.0, x.shape)
+    rp = {k: rng.uniform(0.1, 1.0, v.shape) for k, v in op.params.items()}
+    try:
+        bound = op.abs_jvp(x, y, r, rp)
+    except NotImplementedError as exc:
+        raise AssertionError(f"{exc}; pass check_abs=False to skip it") from None
+    if bound.shape != y.shape or np.any(bound < 0):
+        raise AssertionError(f"{op!r}: abs_jvp must return a nonnegative array of the output "
+                             f"shape {y.shape}, got shape {bound.shape}")
+    slack = 1e-12 * (np.abs(bound).max() + 1e-300)
+    for trial in range(64):
+        u = rng.uniform(-1, 1, x.shape) if trial % 2 else np.sign(rng.standard_normal(x.shape))
+        dps = {k: v * (rng.uniform(-1, 1, v.shape) if trial % 2 else
+                       np.sign(rng.standard_normal(v.shape))) for k, v in rp.items()}
+        dy = op.jvp(x, y, r * u, dps)
+        if np.any(np.abs(dy) > bound + slack):
+            raise AssertionError(f"{op!r}: the interval rule abs_jvp does not bound the "
+                                 f"first-order error of an error pattern inside its box")

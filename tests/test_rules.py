@@ -197,7 +197,7 @@ def test_checker_rejects_wrong_reverse_rules(cls, match, rng):
 
 def test_checker_asks_for_a_missing_reverse_rule(rng):
     with pytest.raises(AssertionError, match="no vjp rule.*check_vjp=False"):
-        check_rule(_ScaleNoParamRule(np.ones(8)), rng.standard_normal((3, 8)))
+        check_rule(_ScaleNoParamRule(np.ones(8)), rng.standard_normal((3, 8)), check_abs=False)
 
 
 def test_finite_difference_is_accurate(rng):
@@ -248,6 +248,21 @@ def test_default_second_order_rule_is_checked_too(rng):
             return 3 * x * x * g, {}
 
     x, a = rng.standard_normal((2, 5)), rng.standard_normal((2, 5))
-    check_rule(_Cube(), x)
+    check_rule(_Cube(), x, check_abs=False)
     # closed form: ½ f''(x) a² = 3 x a²
     np.testing.assert_allclose(_Cube().jvp2(x, x ** 3, a, None, {}), 3 * x * a * a, rtol=1e-7)
+
+
+class _TanhAbsTooSmall(_TanhNoHalf):
+    """Right rules except an interval rule that forgets the absolute value of f'."""
+
+    def jvp2(self, x, y, a, b, dparams):
+        return (1 - y * y) * b - y * (1 - y * y) * a * a
+
+    def abs_jvp(self, x, y, r, rparams):
+        return 0.5 * (1 - y * y) * r
+
+
+def test_checker_rejects_a_wrong_interval_rule(rng):
+    with pytest.raises(AssertionError, match="interval rule abs_jvp does not bound"):
+        check_rule(_TanhAbsTooSmall(), rng.standard_normal((3, 8)))

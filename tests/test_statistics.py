@@ -225,3 +225,30 @@ def test_probe_estimates_at_a_hidden_node(small_mlp, rng):
 def test_probe_count_is_validated(small_mlp):
     with pytest.raises(ValueError, match="probes must be an integer >= 2"):
         small_mlp[0].node_statistics(probes=1)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: ep.mlp([6, 16, 16, 3], "relu", seed=1), (9, 6)),
+    (lambda: ep.transformer(8, 2, 16, 2, seed=1), (2, 4, 8)),
+    (lambda: ep.transformer(8, 2, 16, 1, norm="post", causal=True, seed=2), (2, 4, 8)),
+])
+def test_interval_bounds_dominate(make, shape, rng):
+    net = make()
+    x = rng.standard_normal(shape)
+    r = ep.analyze(net, x, ep.QuantConfig(weights=ep.Uniform(6), biases=ep.Uniform(6),
+                                          activations=ep.Uniform(6), norms=ep.Uniform(6),
+                                          input=ep.Uniform(8)))
+    bounds = r.interval_nodes
+    assert list(bounds) == list(r.nodes)
+    # the first-order error of the actual pattern is one pattern inside the boxes
+    for name, node in r.nodes.items():
+        assert np.all(np.abs(node.first_order) <= bounds[name] * (1 + 1e-12) + 1e-300), name
+    # at the output the interval bound is never tighter than the exact worst case
+    assert np.all(bounds[list(bounds)[-1]] >= r.worst_case * (1 - 1e-12))
+
+
+def test_interval_bound_is_exact_for_one_linear_layer(rng):
+    net = ep.Sequential([ep.Linear(rng.standard_normal((3, 5)), rng.standard_normal(3))])
+    x = rng.standard_normal((4, 5))
+    r = ep.analyze(net, x, ep.QuantConfig(weights=ep.Uniform(6), biases=ep.Uniform(6)))
+    np.testing.assert_allclose(r.interval_nodes["fc1"], r.worst_case, rtol=1e-12)
