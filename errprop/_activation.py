@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special
 
-from ._op import Array, Op
+from ._op import Array, Op, sample_max
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # a Python float keeps float32 arrays float32
 _GELU_TANH_A = 0.044715
@@ -76,6 +76,12 @@ def softmax_abs(y: Array, r: Array, axis: int = -1) -> Array:
     return y * ((1.0 - 2.0 * y) * r + np.sum(y * r, axis=axis, keepdims=True))
 
 
+def softmax_gain(y: Array, axis: int = -1) -> Array:
+    """Per row, a bound on the spectral norm of ``diag(y) − y yᵀ`` (Gershgorin: its
+    absolute row sums are ``2 y_i (1 − y_i)``), at most 1/2."""
+    return np.max(2.0 * y * (1.0 - y), axis=axis)
+
+
 def saturated_rows(p: Array, axis: int = -1, threshold: float = 0.99) -> float:
     """Fraction of softmax rows whose largest probability exceeds ``threshold``: there
     the Jacobian ``diag(y) - y yᵀ`` nearly vanishes and a change of the winning logit
@@ -130,6 +136,14 @@ class Activation(Op):
             slope = np.where(x == self.fn.kink, np.maximum(slope, 1.0), slope)
         return slope * r
 
+    def norm_jvp(self, x, y, r, rparams):
+        if r is None:
+            return np.zeros(x.shape[0])
+        slope = np.abs(self.fn.d1(x, y))
+        if self.fn.kink is not None:
+            slope = np.where(x == self.fn.kink, np.maximum(slope, 1.0), slope)
+        return sample_max(slope) * r
+
     def diagnose(self, x, y, dx):
         if self.fn.kink is None:
             return {}
@@ -181,6 +195,11 @@ class Softmax(Op):
 
     def abs_jvp(self, x, y, r, rparams):
         return np.zeros_like(y) if r is None else softmax_abs(y, r, self.axis)
+
+    def norm_jvp(self, x, y, r, rparams):
+        if r is None:
+            return np.zeros(x.shape[0])
+        return sample_max(softmax_gain(y, self.axis)) * r
 
     def diagnose(self, x, y, dx):
         return {"saturated": saturated_rows(y, self.axis)}

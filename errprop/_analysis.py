@@ -23,7 +23,7 @@ import numpy as np
 
 from ._config import QuantConfig, Source
 from ._graph import Sequential, check_finite_node, check_input, walk
-from ._op import Array, Op
+from ._op import Array, Op, sample_norm
 from ._report import NodeResult, Report, SourceResult
 from ._probes import NodeStatistics, node_statistics
 from ._statistics import OutputStatistics, output_statistics
@@ -166,6 +166,33 @@ class _Interval:
         return out
 
 
+class _NormBound:
+    """Interpreter: ``‖Δ_n‖ ≤ r_n`` per batch element from operator norms (``Op.norm_jvp``)."""
+
+    def __init__(self, forward, by_layer, results) -> None:
+        self.forward, self.by_layer, self.results = forward, by_layer, results
+        self.nodes: dict[str, Array] = {}
+
+    def leaf(self, name: str, op: Op, r: Array | None) -> Array:
+        x, y = self.forward[name]
+        rparams = {}
+        for src in self.by_layer.get(name, []):
+            box = self.results[src.name].model.max_abs
+            if src.param is None:
+                rb = sample_norm(box)
+                r = rb if r is None else r + rb
+            else:
+                rparams[src.param] = box
+        out = op.norm_jvp(x, y, r, rparams)
+        self.nodes[name] = out
+        return out
+
+    def residual(self, name: str, skip: Array | None, branch: Array) -> Array:
+        out = branch if skip is None else skip + branch
+        self.nodes[name] = out
+        return out
+
+
 def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None = 0,
             rng: np.random.Generator | None = None, memory_limit: int = 2 ** 28) -> Report:
     """Exact and first-order quantization error of ``net`` on the batch ``x``.
@@ -260,8 +287,15 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
             walk(net, r0, bounds)
         return bounds.nodes
 
+    def norm_bound() -> dict[str, Array]:
+        bounds = _NormBound(forward, by_layer, ordered)
+        r0 = sample_norm(ordered["input"].model.max_abs) if "input" in ordered else None
+        with np.errstate(over="ignore", invalid="ignore"):
+            walk(net, r0, bounds)
+        return bounds.nodes
+
     return Report(output=out.x, exact=out.xq - out.x, statistics=statistics, probes=probes,
-                  second_order=second_order, interval=interval,
+                  second_order=second_order, interval=interval, norm_bound=norm_bound,
                   first_order=np.zeros_like(out.x) if out.dx is None else out.dx.sum(axis=0),
                   contributions=contributions, nodes=interp.nodes, sources=ordered,
                   config=config)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ._activation import saturated_rows, softmax_abs
-from ._linear import _matmul_t, affine_tangent
+from ._linear import _matmul_t, affine_norm, affine_tangent
 from ._op import Array, Op, Rule, align_sampled, as_param, per_sample_outer, per_sample_sum
 
 _WEIGHTS = ("Wq", "Wk", "Wv", "Wo")
@@ -175,6 +175,22 @@ class Attention(Op):
         out = stage(None if ro is None else self._merge(ro), np.abs(o), "Wo", "bo")
         return np.zeros_like(y) if out is None else np.broadcast_to(
             out, (*out.shape[:out.ndim - y.ndim], *y.shape)).copy()
+
+    def norm_jvp(self, x, y, r, rparams):
+        # per batch element and head: ‖ΔS‖ ≤ c(‖Δq‖‖k_h‖₂ + ‖q_h‖₂‖Δk‖), ‖ΔA‖ ≤ ½‖ΔS‖
+        # (softmax Gershgorin bound), ‖Δo_h‖ ≤ ‖ΔA‖‖v_h‖₂ + ‖A_h‖₂‖Δv‖; heads add up
+        q, k, v, A, o = self._attend(x, None)
+        P = self.params
+        scale = 1.0 / math.sqrt(self.head_dim)
+        nq, nk, nv = (affine_norm(x, P[w], r, rparams.get(w), rparams.get(b))
+                      for w, b in (("Wq", "bq"), ("Wk", "bk"), ("Wv", "bv")))
+
+        def spectral(t: Array) -> Array:  # (B, H, m, n) -> (B, H)
+            return np.linalg.svd(t, compute_uv=False)[..., 0]
+
+        dS = scale * (nq[:, None] * spectral(k) + spectral(q) * nk[:, None])
+        do = 0.5 * dS * spectral(v) + spectral(A) * nv[:, None]
+        return affine_norm(o, P["Wo"], do.sum(axis=1), rparams.get("Wo"), rparams.get("bo"))
 
     def diagnose(self, x, y, dx):
         A = self._attend(x, None)[3]

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._op import Array, Op, align_sampled, as_param, per_sample_outer, per_sample_sum
+from ._op import (Array, Op, align_sampled, as_param, per_sample_outer, per_sample_sum,
+                  sample_norm)
 
 
 def _matmul_t(x: Array, W: Array) -> Array:
@@ -54,6 +55,20 @@ def affine_tangent(x: Array, W: Array, dx: Array | None, dW: Array | None,
         return None
     shape = (*lead, *x.shape[:-1], W.shape[0])
     return t if t.shape == shape else np.broadcast_to(t, shape).copy()
+
+
+def affine_norm(x: Array, W: Array, r: Array | None, boxW: Array | None,
+                boxb: Array | None) -> Array:
+    """``‖Δ(x Wᵀ + b)‖ ≤ ‖W‖₂ r + ‖ΔW‖₂ ‖x‖ + ‖Δb‖·sqrt(tokens)`` per batch element,
+    with ``‖ΔW‖₂ ≤ ‖ΔW‖_F ≤ ‖boxW‖_F`` and ``‖Δb‖ ≤ ‖boxb‖``."""
+    out = np.zeros(x.shape[0])
+    if r is not None:
+        out = out + np.linalg.norm(W, 2) * r
+    if boxW is not None:
+        out = out + np.linalg.norm(boxW) * sample_norm(x)
+    if boxb is not None:
+        out = out + np.linalg.norm(boxb) * np.sqrt(x[0, ..., 0].size)
+    return out
 
 
 class Linear(Op):
@@ -111,6 +126,9 @@ class Linear(Op):
         out = affine_tangent(np.abs(x), np.abs(self.params["W"]), r, rparams.get("W"),
                              rparams.get("b"))
         return np.zeros_like(y) if out is None else out
+
+    def norm_jvp(self, x, y, r, rparams):
+        return affine_norm(x, self.params["W"], r, rparams.get("W"), rparams.get("b"))
 
     def jvp2(self, x, y, a, b, dparams):
         # the only second-order term of a bilinear map is the cross term a·dWᵀ

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._op import Array, Op, align_sampled, as_param, param_tangent, per_sample_sum
+from ._op import (Array, Op, align_sampled, as_param, param_tangent, per_sample_sum,
+                  sample_max, sample_norm)
 
 
 def _mean(a: Array) -> Array:
@@ -116,6 +117,18 @@ class LayerNorm(Op):
             out = out + param_tangent(rparams["beta"], 1, y.ndim)
         return out
 
+    def norm_jvp(self, x, y, r, rparams):
+        # per row ‖J‖₂ ≤ max|γ| / σ (the centring projection has norm 1)
+        xhat, sigma = self._normalize(x)
+        out = np.zeros(x.shape[0])
+        if r is not None:
+            out = out + np.max(np.abs(self.params["gamma"])) * sample_max(1.0 / sigma) * r
+        if "gamma" in rparams:  # ‖Δγ ⊙ x̂‖ ≤ max|Δγ| ‖x̂‖
+            out = out + np.max(rparams["gamma"]) * sample_norm(xhat)
+        if "beta" in rparams:
+            out = out + np.linalg.norm(rparams["beta"]) * np.sqrt(x[0, ..., 0].size)
+        return out
+
     def diagnose(self, x, y, dx):
         # rows whose variance is within 100·eps of eps: gain near 1/sqrt(eps)
         var = _mean((x - _mean(x)) ** 2)
@@ -187,6 +200,15 @@ class RMSNorm(Op):
             out = np.abs(self.params["gamma"]) * _abs_projection(xn, r, centred=False) / rms
         if "gamma" in rparams:
             out = out + param_tangent(rparams["gamma"], 1, y.ndim) * np.abs(xn)
+        return out
+
+    def norm_jvp(self, x, y, r, rparams):
+        rms = np.sqrt(_mean(x * x) + self.eps)
+        out = np.zeros(x.shape[0])
+        if r is not None:
+            out = out + np.max(np.abs(self.params["gamma"])) * sample_max(1.0 / rms) * r
+        if "gamma" in rparams:
+            out = out + np.max(rparams["gamma"]) * sample_norm(x / rms)
         return out
 
     def diagnose(self, x, y, dx):

@@ -181,6 +181,17 @@ class Op(ABC):
         raise NotImplementedError(f"{type(self).__name__} has no interval rule (abs_jvp); "
                                   f"per-node worst-case bounds need one")
 
+    def norm_jvp(self, x: Array, y: Array, r: Array | None,
+                 rparams: Mapping[str, Array]) -> Array:
+        """Norm rule: a bound on ``‖Δy_n‖`` (Frobenius over each batch element's tokens and
+        features) from operator norms, as in the papers' error-propagation bounds.
+
+        ``r``: ``(batch,)`` bounds on ``‖Δx_n‖`` (``None``: no input error); ``rparams``:
+        per parameter its error box (``|Δp| ≤ rparams[p]``); the op turns it into the
+        norm it needs (``‖ΔW‖₂ ≤ ‖box‖_F`` for a weight). Returns ``(batch,)``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no norm rule (norm_jvp)")
+
     def diagnose(self, x: Array, y: Array, dx: Array) -> dict[str, float]:
         """Where this op's first-order rule may be unreliable, given the input error ``dx``.
 
@@ -246,6 +257,16 @@ class Outer:
 def per_sample_outer(g: Array, x: Array) -> Outer:
     """``Σ_tokens g ⊗ x`` per batch element, kept factored (see :class:`Outer`)."""
     return Outer(g, x)
+
+
+def sample_norm(a: Array) -> Array:
+    """Frobenius norm of each batch element (axis 0): ``(batch,)``."""
+    return np.sqrt(np.sum(a.reshape(a.shape[0], -1) ** 2, axis=1))
+
+
+def sample_max(a: Array) -> Array:
+    """Largest entry of each batch element (axis 0): ``(batch,)``."""
+    return np.max(a.reshape(a.shape[0], -1), axis=1)
 
 
 def per_sample_sum(g: Array, x_ndim: int) -> Array:

@@ -130,7 +130,8 @@ class Report:
                  statistics: Callable[[], OutputStatistics] | None = None,
                  probes: Callable[[int, int], dict[str, NodeStatistics]] | None = None,
                  second_order: Callable[[], dict[str, Array]] | None = None,
-                 interval: Callable[[], dict[str, Array]] | None = None) -> None:
+                 interval: Callable[[], dict[str, Array]] | None = None,
+                 norm_bound: Callable[[], dict[str, Array]] | None = None) -> None:
         self.output = output
         self.exact = exact
         self.first_order = first_order
@@ -146,6 +147,25 @@ class Report:
         self._second: dict[str, Array] | None = None
         self._make_interval = interval
         self._interval: dict[str, Array] | None = None
+        self._make_norm = norm_bound
+        self._norm: dict[str, Array] | None = None
+
+    @property
+    def norm_bound_nodes(self) -> dict[str, Array]:
+        """Operator-norm bound on ``‖Δ_n‖`` (Frobenius per batch element) at every node:
+        ``r_out = ‖J‖₂ r_in + ‖local error‖`` layer by layer, as in the papers' bounds
+        (first order; holds for every pattern in the boxes; usually far looser than
+        :attr:`worst_case`). Shape ``(batch,)`` per node. Computed on first use."""
+        if self._norm is None:
+            if self._make_norm is None:
+                raise ValueError("this report carries no graph: build it with analyze()")
+            self._norm = self._make_norm()
+        return self._norm
+
+    @property
+    def norm_bound(self) -> Array:
+        """:attr:`norm_bound_nodes` at the output: ``(batch,)``."""
+        return self.norm_bound_nodes[list(self.nodes)[-1]]
 
     @property
     def interval_nodes(self) -> dict[str, Array]:

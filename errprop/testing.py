@@ -16,7 +16,8 @@
    parameter cotangents checked per batch element;
 6. the second-order rule ``jvp2`` against a second difference of ``forward``;
 7. the interval rule ``abs_jvp`` bounds ``|jvp|`` for random and sign-aligned
-   tangents inside its box.
+   tangents inside its box, and the norm rule ``norm_jvp`` bounds ``‖jvp‖`` per batch
+   element.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _close(a: Array, b: Array, rtol: float, atol: float) -> bool:
 
 def check_rule(op: Op, x: object, *, rtol: float = 1e-6, seed: int = 0, h: float = 1e-3,
                directions: int = 2, check_vjp: bool = True, check_jvp2: bool = True,
-               check_abs: bool = True) -> None:
+               check_abs: bool = True, check_norm: bool = True) -> None:
     """Check ``op``'s first-order rule at ``x``; raise ``AssertionError`` naming what is wrong.
 
     Parameters
@@ -84,6 +85,8 @@ def check_rule(op: Op, x: object, *, rtol: float = 1e-6, seed: int = 0, h: float
         < 1e-5, since the default ``jvp2`` is itself a numerical derivative).
     check_abs : also check the interval rule ``abs_jvp``: it must bound ``|jvp|`` for
         random and sign-aligned tangents inside the box it is given.
+    check_norm : also check the norm rule ``norm_jvp``: it must bound ``‖jvp‖`` per
+        batch element for random tangents with the given input norms and parameter boxes.
     """
     x = np.asarray(x, dtype=np.float64)
     rng = np.random.default_rng(seed)
@@ -157,6 +160,8 @@ def check_rule(op: Op, x: object, *, rtol: float = 1e-6, seed: int = 0, h: float
         _check_jvp2(op, x, y, rng, h)
     if check_abs:
         _check_abs(op, x, y, rng)
+    if check_norm:
+        _check_norm(op, x, y, rng)
 
 
 def _check_vjp(op: Op, x: Array, y: Array, target: str | None, d: Array, jd: Array,
@@ -234,3 +239,21 @@ def _check_abs(op: Op, x: Array, y: Array, rng: np.random.Generator) -> None:
         if np.any(np.abs(dy) > bound + slack):
             raise AssertionError(f"{op!r}: the interval rule abs_jvp does not bound the "
                                  f"first-order error of an error pattern inside its box")
+
+
+def _check_norm(op: Op, x: Array, y: Array, rng: np.random.Generator) -> None:
+    """``‖jvp(Δx, Δp)_n‖ ≤ norm_jvp(‖Δx_n‖, box)_n`` for patterns inside the boxes."""
+    rp = {k: rng.uniform(0.1, 1.0, v.shape) for k, v in op.params.items()}
+    for trial in range(32):
+        dx = rng.standard_normal(x.shape) * rng.uniform(0, 2, (x.shape[0],) + (1,) * (x.ndim - 1))
+        r = np.sqrt(np.sum(dx.reshape(x.shape[0], -1) ** 2, axis=1))
+        dps = {k: v * (rng.uniform(-1, 1, v.shape) if trial % 2 else
+                       np.sign(rng.standard_normal(v.shape))) for k, v in rp.items()}
+        try:
+            bound = op.norm_jvp(x, y, r, rp)
+        except NotImplementedError as exc:
+            raise AssertionError(f"{exc}; pass check_norm=False to skip it") from None
+        got = np.sqrt(np.sum(op.jvp(x, y, dx, dps).reshape(x.shape[0], -1) ** 2, axis=1))
+        if bound.shape != (x.shape[0],) or np.any(got > bound * (1 + 1e-10) + 1e-300):
+            raise AssertionError(f"{op!r}: the norm rule norm_jvp does not bound the norm of "
+                                 f"the first-order error of a pattern inside its boxes")

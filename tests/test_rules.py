@@ -197,7 +197,8 @@ def test_checker_rejects_wrong_reverse_rules(cls, match, rng):
 
 def test_checker_asks_for_a_missing_reverse_rule(rng):
     with pytest.raises(AssertionError, match="no vjp rule.*check_vjp=False"):
-        check_rule(_ScaleNoParamRule(np.ones(8)), rng.standard_normal((3, 8)), check_abs=False)
+        check_rule(_ScaleNoParamRule(np.ones(8)), rng.standard_normal((3, 8)), check_abs=False,
+                   check_norm=False)
 
 
 def test_finite_difference_is_accurate(rng):
@@ -248,7 +249,7 @@ def test_default_second_order_rule_is_checked_too(rng):
             return 3 * x * x * g, {}
 
     x, a = rng.standard_normal((2, 5)), rng.standard_normal((2, 5))
-    check_rule(_Cube(), x, check_abs=False)
+    check_rule(_Cube(), x, check_abs=False, check_norm=False)
     # closed form: ½ f''(x) a² = 3 x a²
     np.testing.assert_allclose(_Cube().jvp2(x, x ** 3, a, None, {}), 3 * x * a * a, rtol=1e-7)
 
@@ -266,3 +267,18 @@ class _TanhAbsTooSmall(_TanhNoHalf):
 def test_checker_rejects_a_wrong_interval_rule(rng):
     with pytest.raises(AssertionError, match="interval rule abs_jvp does not bound"):
         check_rule(_TanhAbsTooSmall(), rng.standard_normal((3, 8)))
+
+
+class _TanhNormTooSmall(_TanhAbsTooSmall):
+    """Right interval rule, norm rule that uses the smallest slope instead of the largest."""
+
+    def abs_jvp(self, x, y, r, rparams):
+        return (1 - y * y) * r
+
+    def norm_jvp(self, x, y, r, rparams):
+        return np.min((1 - y * y).reshape(len(x), -1), axis=1) * r
+
+
+def test_checker_rejects_a_wrong_norm_rule(rng):
+    with pytest.raises(AssertionError, match="norm rule norm_jvp does not bound"):
+        check_rule(_TanhNormTooSmall(), rng.standard_normal((3, 8)))

@@ -252,3 +252,23 @@ def test_interval_bound_is_exact_for_one_linear_layer(rng):
     x = rng.standard_normal((4, 5))
     r = ep.analyze(net, x, ep.QuantConfig(weights=ep.Uniform(6), biases=ep.Uniform(6)))
     np.testing.assert_allclose(r.interval_nodes["fc1"], r.worst_case, rtol=1e-12)
+
+
+def test_norm_bound_dominates_every_pattern(small_mlp, rng):
+    r, Ws, bs, x, steps = small_mlp
+    P = 4000
+    for draw in (lambda s: s / 2 * rng.uniform(-1, 1, size=(P, *s.shape)),
+                 lambda s: s / 2 * rng.choice([-1.0, 1.0], size=(P, *s.shape))):
+        dy = _mlp_first_order(Ws, bs, x, [draw(s) for s in steps])
+        norms = np.sqrt(np.sum(dy ** 2, axis=-1))  # (P, batch)
+        assert np.all(norms <= r.norm_bound * (1 + 1e-12))
+
+
+def test_norm_bound_on_a_transformer_covers_its_first_order_error(rng):
+    net = ep.transformer(8, 2, 16, 2, seed=1)
+    x = rng.standard_normal((3, 4, 8))
+    r = ep.analyze(net, x, ep.QuantConfig(weights=ep.Uniform(6), biases=ep.Uniform(6),
+                                          activations=ep.Uniform(6), norms=ep.Uniform(6)))
+    for name, node in r.nodes.items():
+        norms = np.sqrt(np.sum(node.first_order.reshape(len(x), -1) ** 2, axis=1))
+        assert np.all(norms <= r.norm_bound_nodes[name] * (1 + 1e-12) + 1e-300), name
