@@ -9,15 +9,16 @@ from errprop.cli import main
 
 
 def test_demo_prints_per_layer_tables(capsys):
-    assert main(["demo", "--bits", "6"]) == 0
+    assert main(["demo", "--bits", "6", "--samples", "50"]) == 0
     out = capsys.readouterr().out
     for expected in ("MLP", "transformer", "W6A6", "fc1", "block0.attn", "block1.mlp.fc2",
-                     "ln_f", "rms exact", "rms 1st-ord"):
+                     "ln_f", "rms exact", "1st order", "2nd order", "Monte Carlo [99% CI]"):
         assert expected in out
 
 
 def test_python_dash_m_runs():
-    proc = subprocess.run([sys.executable, "-m", "errprop", "demo", "--bits", "8"],
+    proc = subprocess.run([sys.executable, "-m", "errprop", "demo", "--bits", "8",
+                           "--samples", "20"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "W8A8" in proc.stdout
