@@ -23,8 +23,9 @@ import numpy as np
 
 from ._config import QuantConfig, Source
 from ._graph import Sequential, check_finite_node, check_input, walk
-from ._op import Array, Op, sample_norm
+from ._op import Array, Op
 from ._report import NodeResult, Report, SourceResult
+from ._passes import bound_pass, second_order_pass
 from ._probes import NodeStatistics, node_statistics
 from ._statistics import OutputStatistics, output_statistics
 
@@ -97,99 +98,6 @@ class _Propagate:
             dx[: len(skip.keys)] += skip.dx
         out = _State(skip.x + branch.x, skip.xq + branch.xq, branch.keys, dx)
         self._record(name, "Residual", out)
-        return out
-
-
-class _SecondOrder:
-    """Interpreter: Taylor-mode second order of the total error, ``Δ ≈ a + b``.
-
-    ``a`` is the first-order total, ``b`` the second-order coefficient; at each op
-    ``b_out = Jₓ b + ½ D²f[(a, dp), (a, dp)]`` (``Op.jvp2``): the cross terms
-    ``ΔW·Δx``, the curvature ``½ f''(x) Δx²``, and the second derivatives of softmax,
-    normalization and attention.
-    """
-
-    def __init__(self, forward, by_layer, dparams, errors) -> None:
-        self.forward, self.by_layer, self.dparams, self.errors = forward, by_layer, dparams, errors
-        self.nodes: dict[str, Array] = {}
-
-    def leaf(self, name: str, op: Op, state: tuple) -> tuple:
-        a, b = state
-        x, y = self.forward[name]
-        dps = {}
-        for src in self.by_layer.get(name, []):
-            if src.param is None:
-                e = self.errors[src.name]
-                a = e if a is None else a + e
-            else:
-                dps[src.param] = self.dparams[src.name]
-        a_out = op.jvp(x, y, a, dps)
-        b_out = op.jvp2(x, y, a, b, dps)
-        self.nodes[name] = a_out + b_out
-        return a_out, b_out
-
-    def residual(self, name: str, skip: tuple, branch: tuple) -> tuple:
-        out = tuple(t if s is None else s + t for s, t in zip(skip, branch))
-        self.nodes[name] = out[0] + out[1]
-        return out
-
-
-class _Interval:
-    """Interpreter: elementwise interval bound ``|Δ| ≤ r`` at first order, per node.
-
-    Each op's ``abs_jvp`` takes the Jacobian in absolute value stage by stage; every
-    source enters with its ``max_abs`` box. The bound holds for every error pattern in
-    the boxes; it is looser than the exact first-order worst case at the output
-    (``Report.worst_case``) because ``|J₂ J₁| ≤ |J₂| |J₁|``, but costs one forward pass.
-    """
-
-    def __init__(self, forward, by_layer, results) -> None:
-        self.forward, self.by_layer, self.results = forward, by_layer, results
-        self.nodes: dict[str, Array] = {}
-
-    def leaf(self, name: str, op: Op, r: Array | None) -> Array:
-        x, y = self.forward[name]
-        rparams = {}
-        for src in self.by_layer.get(name, []):
-            box = self.results[src.name].model.max_abs
-            if src.param is None:
-                r = box if r is None else r + box
-            else:
-                rparams[src.param] = box
-        out = op.abs_jvp(x, y, r, rparams)
-        self.nodes[name] = out
-        return out
-
-    def residual(self, name: str, skip: Array | None, branch: Array) -> Array:
-        out = branch if skip is None else skip + branch
-        self.nodes[name] = out
-        return out
-
-
-class _NormBound:
-    """Interpreter: ``‖Δ_n‖ ≤ r_n`` per batch element from operator norms (``Op.norm_jvp``)."""
-
-    def __init__(self, forward, by_layer, results) -> None:
-        self.forward, self.by_layer, self.results = forward, by_layer, results
-        self.nodes: dict[str, Array] = {}
-
-    def leaf(self, name: str, op: Op, r: Array | None) -> Array:
-        x, y = self.forward[name]
-        rparams = {}
-        for src in self.by_layer.get(name, []):
-            box = self.results[src.name].model.max_abs
-            if src.param is None:
-                rb = sample_norm(box)
-                r = rb if r is None else r + rb
-            else:
-                rparams[src.param] = box
-        out = op.norm_jvp(x, y, r, rparams)
-        self.nodes[name] = out
-        return out
-
-    def residual(self, name: str, skip: Array | None, branch: Array) -> Array:
-        out = branch if skip is None else skip + branch
-        self.nodes[name] = out
         return out
 
 
@@ -273,29 +181,17 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
         return node_statistics(net, x, forward, ordered, probes=count, seed=probe_seed)
 
     def second_order() -> dict[str, Array]:
-        errors = {k: v.error for k, v in ordered.items() if v.source.param is None}
-        second = _SecondOrder(forward, by_layer, dparams, errors)
-        a0 = errors.get("input")
-        with np.errstate(over="ignore", invalid="ignore"):
-            walk(net, (a0, None if a0 is None else np.zeros_like(a0)), second)
-        return second.nodes
+        return second_order_pass(net, forward, by_layer, dparams, ordered)
 
     def interval() -> dict[str, Array]:
-        bounds = _Interval(forward, by_layer, ordered)
-        r0 = ordered["input"].model.max_abs if "input" in ordered else None
-        with np.errstate(over="ignore", invalid="ignore"):
-            walk(net, r0, bounds)
-        return bounds.nodes
+        return bound_pass(net, forward, by_layer, ordered, "interval")
 
     def norm_bound() -> dict[str, Array]:
-        bounds = _NormBound(forward, by_layer, ordered)
-        r0 = sample_norm(ordered["input"].model.max_abs) if "input" in ordered else None
-        with np.errstate(over="ignore", invalid="ignore"):
-            walk(net, r0, bounds)
-        return bounds.nodes
+        return bound_pass(net, forward, by_layer, ordered, "norm")
 
-    return Report(output=out.x, exact=out.xq - out.x, statistics=statistics, probes=probes,
-                  second_order=second_order, interval=interval, norm_bound=norm_bound,
+    passes = {"statistics": statistics, "probes": probes, "second_order": second_order,
+              "interval": interval, "norm_bound": norm_bound}
+    return Report(output=out.x, exact=out.xq - out.x, passes=passes,
                   first_order=np.zeros_like(out.x) if out.dx is None else out.dx.sum(axis=0),
                   contributions=contributions, nodes=interp.nodes, sources=ordered,
                   config=config)

@@ -127,11 +127,7 @@ class Report:
     def __init__(self, *, output: Array, exact: Array, first_order: Array,
                  contributions: dict[str, Array], nodes: dict[str, NodeResult],
                  sources: dict[str, SourceResult], config: QuantConfig,
-                 statistics: Callable[[], OutputStatistics] | None = None,
-                 probes: Callable[[int, int], dict[str, NodeStatistics]] | None = None,
-                 second_order: Callable[[], dict[str, Array]] | None = None,
-                 interval: Callable[[], dict[str, Array]] | None = None,
-                 norm_bound: Callable[[], dict[str, Array]] | None = None) -> None:
+                 passes: Mapping[str, Callable[..., Any]] | None = None) -> None:
         self.output = output
         self.exact = exact
         self.first_order = first_order
@@ -139,16 +135,24 @@ class Report:
         self.nodes = nodes
         self.sources = sources
         self.config = config
-        self._make_statistics = statistics
-        self._statistics: OutputStatistics | None = None
-        self._make_probes = probes
-        self._probes: dict[tuple[int, int], dict[str, NodeStatistics]] = {}
-        self._make_second = second_order
-        self._second: dict[str, Array] | None = None
-        self._make_interval = interval
-        self._interval: dict[str, Array] | None = None
-        self._make_norm = norm_bound
-        self._norm: dict[str, Array] | None = None
+        # deferred passes over the graph (statistics, probes, second order, bounds),
+        # run on first use and cached by their arguments
+        self._passes = dict(passes or {})
+        self._cache: dict[tuple, Any] = {}
+
+    def _run(self, name: str, *args: Any) -> Any:
+        key = (name, *args)
+        if key not in self._cache:
+            if name not in self._passes:
+                raise ValueError(f"this report carries no graph for '{name}': build it with "
+                                 f"errprop.analyze()")
+            self._cache[key] = self._passes[name](*args)
+        return self._cache[key]
+
+    @property
+    def statistics(self) -> OutputStatistics:
+        """First-order output statistics (computed on first access, then cached)."""
+        return self._run("statistics")
 
     @property
     def norm_bound_nodes(self) -> dict[str, Array]:
@@ -156,11 +160,7 @@ class Report:
         ``r_out = ‖J‖₂ r_in + ‖local error‖`` layer by layer, as in the papers' bounds
         (first order; holds for every pattern in the boxes; usually far looser than
         :attr:`worst_case`). Shape ``(batch,)`` per node. Computed on first use."""
-        if self._norm is None:
-            if self._make_norm is None:
-                raise ValueError("this report carries no graph: build it with analyze()")
-            self._norm = self._make_norm()
-        return self._norm
+        return self._run("norm_bound")
 
     @property
     def norm_bound(self) -> Array:
@@ -172,11 +172,7 @@ class Report:
         """Elementwise first-order worst-case bound at every node, by interval propagation
         (one forward pass; dominates every error pattern in the quantizers' boxes, looser
         than the exact :attr:`worst_case` at the output). Computed on first use."""
-        if self._interval is None:
-            if self._make_interval is None:
-                raise ValueError("this report carries no graph: build it with analyze()")
-            self._interval = self._make_interval()
-        return self._interval
+        return self._run("interval")
 
     @property
     def second_order_nodes(self) -> dict[str, Array]:
@@ -186,11 +182,7 @@ class Report:
         ``½ f''(x) Δx²`` and the second derivatives of softmax, normalization and
         attention, for the same source errors as ``first_order``.
         """
-        if self._second is None:
-            if self._make_second is None:
-                raise ValueError("this report carries no graph: build it with analyze()")
-            self._second = self._make_second()
-        return self._second
+        return self._run("second_order")
 
     @property
     def second_order(self) -> Array:
@@ -209,24 +201,10 @@ class Report:
         element, and the estimated MSE with its standard error (see
         :mod:`errprop._probes`). Cached per ``(probes, seed)``.
         """
-        key = (probes, seed)
-        if key not in self._probes:
-            if self._make_probes is None:
-                raise ValueError("this report carries no graph to probe: build it with analyze()")
-            self._probes[key] = self._make_probes(probes, seed)
-        return self._probes[key]
-
-    @property
-    def statistics(self) -> OutputStatistics:
-        """First-order output statistics (computed on first access, then cached)."""
-        if self._statistics is None:
-            if self._make_statistics is None:
-                raise ValueError("this report carries no statistics: build it with analyze()")
-            self._statistics = self._make_statistics()
-        return self._statistics
+        return self._run("probes", probes, seed)
 
     def _stats(self) -> OutputStatistics:
-        return self.statistics
+        return self._run("statistics")
 
     @property
     def mean(self) -> Array:

@@ -1,0 +1,116 @@
+"""Extra passes over an analysed graph: second order, interval and norm bounds.
+
+Each is an interpreter for :func:`errprop._graph.walk` that reuses the float
+forward values recorded by :func:`errprop.analyze` and calls one rule per op:
+``jvp2`` (second-order Taylor coefficient), ``abs_jvp`` (elementwise interval
+bound), ``norm_jvp`` (operator-norm bound per batch element).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from ._config import Source
+from ._graph import Sequential, walk
+from ._op import Array, Op, sample_norm
+from ._report import SourceResult
+
+Forward = Mapping[str, tuple[Array, Array]]
+ByLayer = Mapping[str, list[Source]]
+
+
+class _SecondOrder:
+    """Taylor-mode second order of the total error, ``Δ ≈ a + b``.
+
+    ``a`` is the first-order total, ``b`` the second-order coefficient; at each op
+    ``b_out = Jₓ b + ½ D²f[(a, dp), (a, dp)]`` (``Op.jvp2``): the cross terms
+    ``ΔW·Δx``, the curvature ``½ f''(x) Δx²``, and the second derivatives of softmax,
+    normalization and attention.
+    """
+
+    def __init__(self, forward: Forward, by_layer: ByLayer, dparams: Mapping[str, Array],
+                 errors: Mapping[str, Array]) -> None:
+        self.forward, self.by_layer, self.dparams, self.errors = forward, by_layer, dparams, errors
+        self.nodes: dict[str, Array] = {}
+
+    def leaf(self, name: str, op: Op, state: tuple) -> tuple:
+        a, b = state
+        x, y = self.forward[name]
+        dps = {}
+        for src in self.by_layer.get(name, []):
+            if src.param is None:
+                e = self.errors[src.name]
+                a = e if a is None else a + e
+            else:
+                dps[src.param] = self.dparams[src.name]
+        a_out = op.jvp(x, y, a, dps)
+        b_out = op.jvp2(x, y, a, b, dps)
+        self.nodes[name] = a_out + b_out
+        return a_out, b_out
+
+    def residual(self, name: str, skip: tuple, branch: tuple) -> tuple:
+        out = tuple(t if s is None else s + t for s, t in zip(skip, branch))
+        self.nodes[name] = out[0] + out[1]
+        return out
+
+
+def second_order_pass(net: Sequential, forward: Forward, by_layer: ByLayer,
+                      dparams: Mapping[str, Array],
+                      sources: Mapping[str, SourceResult]) -> dict[str, Array]:
+    """Second-order prediction of the exact error at every node."""
+    errors = {k: v.error for k, v in sources.items() if v.source.param is None}
+    second = _SecondOrder(forward, by_layer, dparams, errors)
+    a0 = errors.get("input")
+    with np.errstate(over="ignore", invalid="ignore"):
+        walk(net, (a0, None if a0 is None else np.zeros_like(a0)), second)
+    return second.nodes
+
+
+class _Bound:
+    """A bound carried through the graph with one rule per op.
+
+    ``"interval"``: ``|Δ| ≤ r`` elementwise (``Op.abs_jvp``, the Jacobian in absolute
+    value stage by stage; looser than the exact worst case because
+    ``|J₂ J₁| ≤ |J₂| |J₁|``). ``"norm"``: ``‖Δ_n‖ ≤ r_n`` per batch element
+    (``Op.norm_jvp``, operator norms). Every source enters with its ``max_abs`` box;
+    both hold for every error pattern in the boxes, at first order.
+    """
+
+    def __init__(self, forward: Forward, by_layer: ByLayer,
+                 sources: Mapping[str, SourceResult], rule: str,
+                 enter: Callable[[Array], Array]) -> None:
+        self.forward, self.by_layer, self.sources = forward, by_layer, sources
+        self.rule, self.enter = rule, enter
+        self.nodes: dict[str, Array] = {}
+
+    def leaf(self, name: str, op: Op, r: Array | None) -> Array:
+        x, y = self.forward[name]
+        rparams = {}
+        for src in self.by_layer.get(name, []):
+            box = self.sources[src.name].model.max_abs
+            if src.param is None:
+                r = self.enter(box) if r is None else r + self.enter(box)
+            else:
+                rparams[src.param] = box
+        out = getattr(op, self.rule)(x, y, r, rparams)
+        self.nodes[name] = out
+        return out
+
+    def residual(self, name: str, skip: Array | None, branch: Array) -> Array:
+        out = branch if skip is None else skip + branch
+        self.nodes[name] = out
+        return out
+
+
+def bound_pass(net: Sequential, forward: Forward, by_layer: ByLayer,
+               sources: Mapping[str, SourceResult], kind: str) -> dict[str, Array]:
+    """``kind="interval"``: elementwise bounds; ``"norm"``: per-batch-element norm bounds."""
+    rule, enter = {"interval": ("abs_jvp", lambda box: box),
+                   "norm": ("norm_jvp", sample_norm)}[kind]
+    bound = _Bound(forward, by_layer, sources, rule, enter)
+    r0 = enter(sources["input"].model.max_abs) if "input" in sources else None
+    with np.errstate(over="ignore", invalid="ignore"):
+        walk(net, r0, bound)
+    return bound.nodes
