@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import errprop as ep
-from errprop._montecarlo import monte_carlo
 
 CASES = {
     "mlp": (lambda: ep.mlp([16] + [64] * 6 + [8], "tanh", seed=0), (64, 16)),
@@ -31,7 +30,7 @@ def test_analytic_inside_monte_carlo_interval(case, config):
     x = np.random.default_rng(5).standard_normal(shape)
     r = ep.analyze(net, x, cfg)
     S = 1500
-    mc = monte_carlo(net, x, cfg, samples=S, seed=11)
+    mc = ep.monte_carlo(net, x, cfg, samples=S, seed=11)
     lo, hi = mc.mse_ci
     assert lo <= r.mse <= hi, (r.mse, mc.mse_ci)
     # per element: the sample std of S draws has relative standard error ~ 1/sqrt(2S)
@@ -47,7 +46,7 @@ def test_breakdown_is_flagged_at_3_bits():
     x = 3.0 * np.random.default_rng(5).standard_normal(shape)
     cfg = ep.QuantConfig(weights=ep.Uniform(3), activations=ep.Uniform(3))
     r = ep.analyze(net, x, cfg)
-    mc = monte_carlo(net, x, cfg, samples=400, seed=11)
+    mc = ep.monte_carlo(net, x, cfg, samples=400, seed=11)
     comparison = r.compare(mc)
     assert comparison.flagged, comparison.table()
     assert any("2nd-order" in note for row in comparison.rows for note in row.notes)
