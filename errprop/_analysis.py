@@ -102,7 +102,8 @@ class _Propagate:
 
 
 def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None = 0,
-            rng: np.random.Generator | None = None, memory_limit: int = 2 ** 28) -> Report:
+            rng: np.random.Generator | None = None, memory_limit: int = 2 ** 28,
+            statistics_work_limit: float = 2e11) -> Report:
     """Exact and first-order quantization error of ``net`` on the batch ``x``.
 
     Parameters
@@ -115,6 +116,8 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
         statistics (``.mean``, ``.std``, ``.mse``, ``.worst_case``), which are
         computed on first access: one sweep per output element of a batch element,
         in chunks under this cap.
+    statistics_work_limit : the exact output statistics refuse (with a clear error
+        pointing to the probe estimator) when their estimated multiply-adds exceed this.
 
     Returns
     -------
@@ -175,7 +178,8 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
     forward = interp.forward
 
     def statistics() -> OutputStatistics:
-        return output_statistics(net, out.x, forward, ordered, memory_limit=memory_limit)
+        return output_statistics(net, out.x, forward, ordered, memory_limit=memory_limit,
+                                 work_limit=statistics_work_limit)
 
     def probes(count: int, probe_seed: int) -> dict[str, NodeStatistics]:
         return node_statistics(net, x, forward, ordered, probes=count, seed=probe_seed)

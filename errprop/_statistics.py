@@ -100,7 +100,8 @@ class OutputStatistics:
 
 def output_statistics(net: Sequential, y: Array, forward: Mapping[str, tuple[Array, Array]],
                       sources: Mapping[str, SourceResult], *,
-                      memory_limit: int = 2 ** 28) -> OutputStatistics:
+                      memory_limit: int = 2 ** 28,
+                      work_limit: float = 2e11) -> OutputStatistics:
     """Reverse-mode first-order statistics of ``net``'s output.
 
     ``forward`` maps each leaf name to its float ``(input, output)``; ``sources``
@@ -115,6 +116,14 @@ def output_statistics(net: Sequential, y: Array, forward: Mapping[str, tuple[Arr
     # per (k, n): mean, var, worst, Σ (J w)², max |J| w
     acc = {name: np.zeros((5, K, B)) for name in sources}
 
+    work = _estimated_work(forward, sources, K, B)
+    if work > work_limit:
+        raise ValueError(
+            f"exact output statistics need one reverse sweep per output element: here "
+            f"{K} outputs x {B} batch elements, about {work:.1e} multiply-adds (limit "
+            f"{work_limit:.0e}). Use report.node_statistics(probes=...) for an estimate with "
+            f"error bars at every node (the output included), analyze fewer inputs, or raise "
+            f"analyze(..., statistics_work_limit=...)")
     per_pair = max(int(x.size // B) + int(o.size // B) for x, o in forward.values())
     per_pair += max((s.error.size for s in sources.values() if s.source.param), default=0)
     pairs = max(1, memory_limit // (8 * _OVERHEAD * per_pair))
@@ -226,3 +235,14 @@ def _accumulate_rank_one(out: Array, g: Array, x: Array, model: ErrorModel, k0: 
     g2, x2 = ag * ag, ax * ax
     out[(1, *at)] += np.einsum("kba,ba->kb", g2, x2 @ model.var.T)
     out[(3, *at)] += np.einsum("kba,ba->kb", g2, x2 @ (w * w).T)
+
+
+def _estimated_work(forward: Mapping[str, tuple[Array, Array]],
+                    sources: Mapping[str, SourceResult], K: int, B: int) -> float:
+    """Multiply-adds of the sweeps: per (output, batch element) one backward pass over the
+    node values, plus the dense weight cotangents ``Σ_t g_t ⊗ x_t`` where there are tokens."""
+    backward = sum(int(x.size // B) + int(o.size // B) for x, o in forward.values())
+    tokens = max((int(np.prod(x.shape[1:-1])) for x, _ in forward.values()), default=1)
+    dense = sum(s.error.size for s in sources.values()
+                if s.source.param is not None and s.error.ndim == 2) * (tokens if tokens > 1 else 0)
+    return float(K) * B * (8 * backward + dense)

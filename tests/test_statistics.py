@@ -272,3 +272,13 @@ def test_norm_bound_on_a_transformer_covers_its_first_order_error(rng):
     for name, node in r.nodes.items():
         norms = np.sqrt(np.sum(node.first_order.reshape(len(x), -1) ** 2, axis=1))
         assert np.all(norms <= r.norm_bound_nodes[name] * (1 + 1e-12) + 1e-300), name
+
+
+def test_exact_statistics_refuse_hopeless_sizes_with_guidance(rng):
+    net = ep.transformer(8, 2, 16, 1, seed=0)
+    x = rng.standard_normal((2, 4, 8))
+    r = ep.analyze(net, x, ep.QuantConfig(weights=ep.Uniform(8)), statistics_work_limit=10)
+    with pytest.raises(ValueError, match="node_statistics"):
+        r.mse
+    # the probe estimator still works at the output
+    assert r.node_statistics(probes=8)["block0.res2"].mse > 0
