@@ -239,10 +239,13 @@ def _accumulate_rank_one(out: Array, g: Array, x: Array, model: ErrorModel, k0: 
 
 def _estimated_work(forward: Mapping[str, tuple[Array, Array]],
                     sources: Mapping[str, SourceResult], K: int, B: int) -> float:
-    """Multiply-adds of the sweeps: per (output, batch element) one backward pass over the
-    node values, plus the dense weight cotangents ``Σ_t g_t ⊗ x_t`` where there are tokens."""
-    backward = sum(int(x.size // B) + int(o.size // B) for x, o in forward.values())
+    """Multiply-adds of the sweeps: per (output, batch element) one backward pass — about
+    one multiply-add per weight per token plus the node values — plus the dense weight
+    cotangents ``Σ_t g_t ⊗ x_t`` where there are tokens."""
     tokens = max((int(np.prod(x.shape[1:-1])) for x, _ in forward.values()), default=1)
-    dense = sum(s.error.size for s in sources.values()
-                if s.source.param is not None and s.error.ndim == 2) * (tokens if tokens > 1 else 0)
-    return float(K) * B * (8 * backward + dense)
+    nodes = sum(int(x.size // B) + int(o.size // B) for x, o in forward.values())
+    weights = sum(s.error.size for s in sources.values()
+                  if s.source.param is not None and s.error.ndim == 2)
+    backward = 4 * nodes + weights * tokens
+    dense = weights * tokens if tokens > 1 else 0
+    return float(K) * B * (backward + dense)
