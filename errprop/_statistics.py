@@ -116,7 +116,7 @@ def output_statistics(net: Sequential, y: Array, forward: Mapping[str, tuple[Arr
     # per (k, n): mean, var, worst, Σ (J w)², max |J| w
     acc = {name: np.zeros((5, K, B)) for name in sources}
 
-    work = _estimated_work(forward, sources, K, B)
+    work = _estimated_work(net, forward, sources, K, B)
     if work > work_limit:
         raise ValueError(
             f"exact output statistics need one reverse sweep per output element: here "
@@ -237,15 +237,17 @@ def _accumulate_rank_one(out: Array, g: Array, x: Array, model: ErrorModel, k0: 
     out[(3, *at)] += np.einsum("kba,ba->kb", g2, x2 @ (w * w).T)
 
 
-def _estimated_work(forward: Mapping[str, tuple[Array, Array]],
+def _estimated_work(net: Sequential, forward: Mapping[str, tuple[Array, Array]],
                     sources: Mapping[str, SourceResult], K: int, B: int) -> float:
     """Multiply-adds of the sweeps: per (output, batch element) one backward pass — about
     one multiply-add per weight per token plus the node values — plus the dense weight
     cotangents ``Σ_t g_t ⊗ x_t`` where there are tokens."""
     tokens = max((int(np.prod(x.shape[1:-1])) for x, _ in forward.values()), default=1)
     nodes = sum(int(x.size // B) + int(o.size // B) for x, o in forward.values())
-    weights = sum(s.error.size for s in sources.values()
-                  if s.source.param is not None and s.error.ndim == 2)
-    backward = 4 * nodes + weights * tokens
-    dense = weights * tokens if tokens > 1 else 0
+    every_weight = sum(p.size for _, op in net.layers() for p in op.params.values()
+                       if p.ndim == 2)
+    quantized = sum(s.error.size for s in sources.values()
+                    if s.source.param is not None and s.error.ndim == 2)
+    backward = 4 * nodes + every_weight * tokens
+    dense = quantized * tokens if tokens > 1 else 0
     return float(K) * B * (backward + dense)
