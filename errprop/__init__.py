@@ -10,11 +10,13 @@ from ._analysis import analyze
 from ._attention import Attention
 from ._builders import mlp, transformer, transformer_block
 from ._config import QuantConfig, Source
+from ._embedding import Embedding
 from ._convergence import Convergence, ConvergenceRow, convergence
 from ._graph import NodeInfo, Residual, Sequential
 from ._linear import Linear
 from ._montecarlo import MonteCarloResult, NodeStats, monte_carlo
-from ._norm import LayerNorm, RMSNorm
+from ._norm import L2Normalize, LayerNorm, RMSNorm
+from ._pool import MeanPool
 from ._op import Op
 from ._quant import ErrorModel, Quantizer, Uniform, UniformGrid
 from ._compare import Comparison, ComparisonRow
@@ -32,9 +34,12 @@ __all__ = [
     "ComparisonRow",
     "Convergence",
     "ConvergenceRow",
+    "Embedding",
     "ErrorModel",
+    "L2Normalize",
     "LayerNorm",
     "Linear",
+    "MeanPool",
     "MonteCarloResult",
     "NodeInfo",
     "NodeResult",

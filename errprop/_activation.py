@@ -155,6 +155,9 @@ class Activation(Op):
         out = np.zeros_like(y) if b is None else self.fn.d1(x, y) * b
         return out if a is None else out + 0.5 * self.fn.d2(x, y) * a * a
 
+    def config(self) -> dict[str, object]:
+        return {"kind": self.kind}
+
     def describe(self) -> str:
         return self.kind
 
@@ -211,6 +214,9 @@ class Softmax(Op):
             return out
         c = a - np.sum(y * a, axis=self.axis, keepdims=True)
         return out + 0.5 * y * (c * c - np.sum(y * c * c, axis=self.axis, keepdims=True))
+
+    def config(self) -> dict[str, object]:
+        return {"axis": self.axis}
 
     def describe(self) -> str:
         return f"axis={self.axis}"

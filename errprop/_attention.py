@@ -9,7 +9,8 @@ import numpy as np
 
 from ._activation import saturated_rows, softmax_abs
 from ._linear import _matmul_t, affine_norm, affine_tangent
-from ._op import Array, Op, Rule, align_sampled, as_param, per_sample_outer, per_sample_sum
+from ._op import (Array, Op, Rule, align_sampled, as_param, check_mask, check_mask_batch,
+                  per_sample_outer, per_sample_sum)
 
 _WEIGHTS = ("Wq", "Wk", "Wv", "Wo")
 _BIASES = ("bq", "bk", "bv", "bo")
@@ -25,6 +26,9 @@ class Attention(Op):
     bq, bk, bv : arrays ``(inner,)``, optional; bo : ``(d,)``, optional
     heads : int, divides ``inner``; ``head_dim = inner / heads``
     causal : bool, mask keys after the query position
+    mask : bool array ``(batch, tokens)``, optional: key padding mask, ``True`` for real
+        tokens. Padded keys get probability exactly 0 (BERT's additive ``-inf``); the mask
+        ties the layer to that batch (see :func:`errprop.mask_padding`).
 
     Notes
     -----
@@ -47,12 +51,14 @@ class Attention(Op):
 
     prefix = "attn"
     quantize_input = True
+    maskable = True
     min_ndim = 3
 
     def __init__(self, Wq: object, Wk: object, Wv: object, Wo: object,
                  bq: object | None = None, bk: object | None = None,
                  bv: object | None = None, bo: object | None = None, *,
-                 heads: int = 1, causal: bool = False, name: str | None = None) -> None:
+                 heads: int = 1, causal: bool = False, mask: object | None = None,
+                 name: str | None = None) -> None:
         super().__init__(name)
         label = f"Attention {name!r}" if name else "Attention"
         Wq = as_param(Wq, layer=label, param="Wq", ndim=2)
@@ -73,6 +79,13 @@ class Attention(Op):
         self.heads = int(heads)
         self.head_dim = inner // self.heads
         self.causal = bool(causal)
+        self.mask = None if mask is None else check_mask(mask, label)
+
+    def config(self) -> dict[str, object]:
+        return {"heads": self.heads, "causal": self.causal, "mask": self.mask}
+
+    def batch_slice(self, rows: slice) -> Attention:
+        return self if self.mask is None else self.with_mask(self.mask[rows])
 
     @property
     def in_features(self) -> int:
@@ -94,17 +107,25 @@ class Attention(Op):
         bias = self._p(params, b)
         return out if bias is None else out + align_sampled(bias, 1, out.ndim)
 
-    def _mask(self, T: int) -> Array | None:
-        if not self.causal:
-            return None
-        return np.triu(np.ones((T, T), dtype=bool), k=1)
+    def _mask(self, x: Array) -> Array | None:
+        """Where logits are masked: ``(T, T)`` (causal), ``(batch, 1, 1, T)`` (padding)."""
+        T = x.shape[-2]
+        masked = None
+        if self.mask is not None:
+            check_mask_batch(self.mask, x, f"Attention {self.name!r}" if self.name
+                             else "Attention")
+            masked = ~self.mask[:, None, None, :]
+        if self.causal:
+            future = np.triu(np.ones((T, T), dtype=bool), k=1)
+            masked = future if masked is None else masked | future
+        return masked
 
     def _attend(self, x: Array, params) -> tuple[Array, ...]:
         q = self._split(self._affine(x, params, "Wq", "bq"))
         k = self._split(self._affine(x, params, "Wk", "bk"))
         v = self._split(self._affine(x, params, "Wv", "bv"))
         S = (q @ np.swapaxes(k, -1, -2)) / math.sqrt(self.head_dim)
-        mask = self._mask(x.shape[-2])
+        mask = self._mask(x)
         if mask is not None:
             S = np.where(mask, -np.inf, S)
         # max-subtraction keeps exp finite for any logit scale
@@ -220,4 +241,5 @@ class Attention(Op):
 
     def describe(self) -> str:
         inner, d = self.params["Wq"].shape
-        return f"d={d}, heads={self.heads}" + (", causal" if self.causal else "")
+        return (f"d={d}, heads={self.heads}" + (", causal" if self.causal else "")
+                + (", padding mask" if self.mask is not None else ""))

@@ -18,7 +18,8 @@ from ._op import Op
 from ._quant import Quantizer
 
 #: QuantConfig field -> the parameter kind it quantizes.
-_PARAM_FIELDS = {"weights": "weight", "biases": "bias", "norms": "norm"}
+_PARAM_FIELDS = {"weights": "weight", "biases": "bias", "norms": "norm",
+                 "embeddings": "embedding"}
 _FIELDS = (*_PARAM_FIELDS, "activations")
 
 
@@ -28,7 +29,7 @@ class Source:
 
     name: str
     layer: str | None  # None for the network input
-    kind: str  # "weight" | "bias" | "norm" | "activation" | "input"
+    kind: str  # "weight" | "bias" | "norm" | "embedding" | "activation" | "input"
     param: str | None  # parameter key for weight/bias/norm sources
     quantizer: Quantizer
 
@@ -47,9 +48,11 @@ class QuantConfig:
         to the activations the quantized network actually produces.
     input : quantizer or None, for the network input.
     norms : quantizer or None, for LayerNorm/RMSNorm ``gamma`` and ``beta``.
+    embeddings : quantizer or None, for the tables of an ``Embedding`` (word, position,
+        token type; per channel means one scale per table row, i.e. per token).
     overrides : mapping ``pattern -> {field: quantizer or None}``. A pattern is a
         layer name or an ``fnmatch`` glob (``"block0.*"``); fields are
-        ``weights``, ``biases``, ``activations``, ``norms``. Later entries win.
+        ``weights``, ``biases``, ``activations``, ``norms``, ``embeddings``. Later entries win.
         A pattern that matches no layer is an error.
 
     Examples
@@ -62,6 +65,7 @@ class QuantConfig:
     activations: Quantizer | None = None
     input: Quantizer | None = None
     norms: Quantizer | None = None
+    embeddings: Quantizer | None = None
     overrides: Mapping[str, Mapping[str, Quantizer | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -103,6 +107,9 @@ class QuantConfig:
                                  f"{suggest(pattern, names)}")
         out: list[Source] = []
         if self.input is not None:
+            if layers and layers[0][1].integer_input:
+                raise ValueError(f"QuantConfig: input quantization does not apply: the network "
+                                 f"starts with {layers[0][0]!r}, whose input is integer ids")
             out.append(Source("input", None, "input", None, self.input))
         for name, op in layers:
             out.extend(_layer_sources(name, op, self._for_layer(name)))

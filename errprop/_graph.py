@@ -86,8 +86,7 @@ class Sequential(_Container):
         self._by_name = {info.name: info for info in self._infos}
         self._names = {id(info.node): info.name for info in self._infos}
         self.in_features, self.out_features = _check_shapes(self, None, self._names)
-        self.min_ndim = max((info.node.min_ndim for info in self._infos
-                             if isinstance(info.node, Op)), default=2)
+        self.min_ndim, self.max_ndim = _input_ndim(self.layers())
 
     # ---------------------------------------------------------------- access
     def nodes(self) -> list[NodeInfo]:
@@ -286,6 +285,17 @@ def _check_shapes(node, features: int | None, names: dict[int, str]) -> tuple[in
     return first_in[0], out
 
 
+def _input_ndim(layers: list[tuple[str, Op]]) -> tuple[int, int]:
+    """The input's smallest and largest ndim: every op sees at least its ``min_ndim`` and
+    at most 3 axes, counting the axes ops before it add (Embedding) or remove (pooling)."""
+    shift, low, top = 0, 2, 0
+    for _, op in layers:
+        low = max(low, op.min_ndim - shift)
+        shift += op.ndim_change
+        top = max(top, shift)
+    return low, 3 - top
+
+
 def suggest(name: str, known: list[str]) -> str:
     """``"; did you mean 'x'?"`` for a close match, else a short list of the known names."""
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
@@ -323,7 +333,10 @@ def check_input(net: Sequential, x: object, *, what: str = "input x") -> Array:
                              f"network contains attention, got {arr.shape}")
         raise ValueError(f"{what} must have shape (batch, features) or (batch, tokens, "
                          f"features), got {arr.shape}")
-    if arr.ndim > 3:
+    if arr.ndim > net.max_ndim:
+        if net.max_ndim == 2:
+            raise ValueError(f"{what} must have shape (batch, tokens) because the network "
+                             f"starts with {first!r}, got {arr.shape}")
         raise ValueError(f"{what} must have shape (batch, features) or (batch, tokens, "
                          f"features), got {arr.shape}")
     if net.in_features is not None and arr.shape[-1] != net.in_features:

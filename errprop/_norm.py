@@ -1,4 +1,4 @@
-"""Normalization layers over the feature (last) axis: LayerNorm and RMSNorm."""
+"""Normalization layers over the feature (last) axis: LayerNorm, RMSNorm, L2Normalize."""
 
 from __future__ import annotations
 
@@ -134,6 +134,9 @@ class LayerNorm(Op):
         var = _mean((x - _mean(x)) ** 2)
         return {"flat_norm": float(np.mean(var < 100.0 * self.eps))}
 
+    def config(self) -> dict[str, object]:
+        return {"eps": self.eps}
+
     def describe(self) -> str:
         return f"d={self.in_features}, eps={self.eps:g}"
 
@@ -214,5 +217,70 @@ class RMSNorm(Op):
     def diagnose(self, x, y, dx):
         return {"flat_norm": float(np.mean(_mean(x * x) < 100.0 * self.eps))}
 
+    def config(self) -> dict[str, object]:
+        return {"eps": self.eps}
+
     def describe(self) -> str:
         return f"d={self.in_features}, eps={self.eps:g}"
+
+
+class L2Normalize(Op):
+    r"""Scale each row to unit Euclidean norm (``torch.nn.functional.normalize``).
+
+    Parameters
+    ----------
+    eps : float, default 1e-12: rows with ``‖x‖ < eps`` are divided by ``eps``.
+
+    Notes
+    -----
+    ``y = x / ‖x‖``. It is RMSNorm with ``γ = 1/sqrt(d)`` and no ``eps`` inside the root,
+    so the rule is that projection::
+
+        Δy = (Δx - y (y·Δx)) / ‖x‖
+
+    Sentence-transformers' ``Normalize`` module ends all-MiniLM-L6-v2 with it.
+    """
+
+    prefix = "l2norm"
+
+    def __init__(self, eps: float = 1e-12, name: str | None = None) -> None:
+        super().__init__(name)
+        if not (np.isfinite(eps) and eps > 0):
+            raise ValueError(f"L2Normalize: eps must be a positive finite number, got {eps!r}")
+        self.eps = float(eps)
+
+    def _norm(self, x: Array) -> Array:
+        return np.maximum(np.sqrt(np.sum(x * x, axis=-1, keepdims=True)), self.eps)
+
+    def forward(self, x: Array, params: Mapping[str, Array] | None = None) -> Array:
+        return x / self._norm(x)
+
+    def jvp(self, x, y, dx, dparams):
+        if dx is None:
+            return np.zeros_like(y)
+        return (dx - y * np.sum(y * dx, axis=-1, keepdims=True)) / self._norm(x)
+
+    def vjp(self, x, y, g, params=()):
+        return self.jvp(x, y, g, {}), {}  # the projection is symmetric
+
+    def abs_jvp(self, x, y, r, rparams):
+        if r is None:
+            return np.zeros_like(y)
+        d = x.shape[-1]
+        # Δy = (Δx - u mean(u Δx)) / (sqrt(d) ‖x‖ / sqrt(d)) with u = sqrt(d) y
+        return _abs_projection(np.sqrt(d) * y, r, centred=False) / self._norm(x)
+
+    def norm_jvp(self, x, y, r, rparams):
+        # the projection has norm 1: ‖Δy‖ ≤ ‖Δx‖ / min‖x‖
+        if r is None:
+            return np.zeros(x.shape[0])
+        return sample_max(1.0 / self._norm(x)) * r
+
+    def diagnose(self, x, y, dx):
+        return {"flat_norm": float(np.mean(self._norm(x) <= 100.0 * self.eps))}
+
+    def config(self) -> dict[str, object]:
+        return {"eps": self.eps}
+
+    def describe(self) -> str:
+        return "x / ‖x‖"

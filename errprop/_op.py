@@ -29,7 +29,7 @@ import numpy as np
 Array = np.ndarray
 Rule = Callable[[Array | None, Mapping[str, Array]], Array]
 
-PARAM_KINDS = ("weight", "bias", "norm")
+PARAM_KINDS = ("weight", "bias", "norm", "embedding")
 
 
 def as_param(value: object, *, layer: str, param: str, shape: tuple[int, ...] | None = None,
@@ -69,6 +69,12 @@ class Op(ABC):
 
     prefix: ClassVar[str] = "op"
     quantize_input: ClassVar[bool] = False
+    #: the op takes a padding mask ``(batch, tokens)`` (attention, pooling, embedding)
+    maskable: ClassVar[bool] = False
+    #: axes the op adds to its input (Embedding: +1) or removes (pooling: -1)
+    ndim_change: ClassVar[int] = 0
+    #: the input holds integer ids (an embedding lookup): it cannot be quantized
+    integer_input: ClassVar[bool] = False
 
     def __init__(self, name: str | None = None) -> None:
         check_local_name(name)
@@ -206,6 +212,23 @@ class Op(ABC):
         return y, lambda dx, dparams: self.jvp(x, y, dx, dparams)
 
     # ------------------------------------------------------------------ misc
+    def config(self) -> dict[str, object]:
+        """Constructor arguments besides the parameters and the name (JSON values or
+        arrays): ``type(op)(**op.params, **op.config(), name=op.name)`` rebuilds the op."""
+        return {}
+
+    def with_mask(self, mask: Array | None) -> Op:
+        """A copy of this op with the padding mask ``(batch, tokens)`` (maskable ops)."""
+        if not self.maskable:
+            raise TypeError(f"{type(self).__name__} takes no padding mask")
+        out = copy.copy(self)
+        out.mask = None if mask is None else check_mask(mask, repr(self))
+        return out
+
+    def batch_slice(self, rows: slice) -> Op:
+        """This op restricted to the batch rows ``rows`` (ops tied to a batch by a mask)."""
+        return self
+
     def _p(self, params: Mapping[str, Array] | None, key: str) -> Array | None:
         if params is None:
             return self.params.get(key)
@@ -221,6 +244,32 @@ class Op(ABC):
     def __repr__(self) -> str:
         label = f"{self.name!r}, " if self.name else ""
         return f"{type(self).__name__}({label}{self.describe()})"
+
+
+def check_mask(mask: object, layer: str) -> Array:
+    """A padding mask: boolean ``(batch, tokens)``, ``True`` for real tokens, at least one
+    real token per row."""
+    arr = np.asarray(mask)
+    if arr.ndim != 2 or arr.size == 0:
+        raise ValueError(f"{layer}: padding mask must have shape (batch, tokens), "
+                         f"got {arr.shape}")
+    if arr.dtype != bool:
+        if not np.all((arr == 0) | (arr == 1)):
+            raise ValueError(f"{layer}: padding mask must hold booleans or 0/1 "
+                             f"(1 = real token)")
+        arr = arr.astype(bool)
+    empty = np.flatnonzero(~arr.any(axis=1))
+    if empty.size:
+        raise ValueError(f"{layer}: padding mask rows {empty.tolist()} mask every token")
+    return arr
+
+
+def check_mask_batch(mask: Array, x: Array, layer: str) -> None:
+    """The mask's ``(batch, tokens)`` must match the axes ``-3, -2`` of ``x``."""
+    if x.ndim < 3 or x.shape[-3:-1] != mask.shape:
+        raise ValueError(f"{layer}: its padding mask was made for (batch, tokens) = "
+                         f"{mask.shape}, but the input has shape {x.shape}; apply "
+                         f"errprop.mask_padding(net, mask) with this batch's mask")
 
 
 def lead_shape(dx: Array | None, x: Array) -> tuple[int, ...]:

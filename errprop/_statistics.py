@@ -143,7 +143,7 @@ def output_statistics(net: Sequential, y: Array, forward: Mapping[str, tuple[Arr
                 x, yl = forward[name]
                 here = by_layer.get(name, [])
                 params = [s.source.param for s in here if s.source.param is not None]
-                gx, gparams = op.vjp(x[rows], yl[rows], g_out, params)
+                gx, gparams = op.batch_slice(rows).vjp(x[rows], yl[rows], g_out, params)
                 for s in here:
                     if s.source.param is not None:
                         _accumulate(acc[s.name], gparams[s.source.param], s, None, k0, rows)
