@@ -238,7 +238,8 @@ def profile_errprop(p: Problem, samples: int, dtype: type) -> tuple[float, dict[
     sampling interpreter is split between the batched matmul and the bias add
     in the ratio of their own times over the whole run.
     """
-    from errprop import _activation, _linear, _montecarlo as mc
+    from errprop import _activation, _linear, _mc_passes as mp, _montecarlo as mc, \
+        _sampling as smp
 
     prof = cProfile.Profile()
     t0 = time.perf_counter()
@@ -258,20 +259,20 @@ def profile_errprop(p: Problem, samples: int, dtype: type) -> tuple[float, dict[
         callers = st.get(_key(fn), (0, 0, 0.0, 0.0, {}))[4]
         return callers.get(_key(caller), (0, 0, 0.0, 0.0))[3]
 
-    rng = cum(mc._Streams.fill)
-    linear = cum_from(_linear.Linear.forward, mc._Sample.leaf)
+    rng = cum(smp._Streams.fill)
+    linear = cum_from(_linear.Linear.forward, mp._Sample.leaf)
     share = own(_linear._matmul_t) / max(cum(_linear.Linear.forward), 1e-12)
-    act = cum_from(_activation.Activation.forward, mc._Sample.leaf)
+    act = cum_from(_activation.Activation.forward, mp._Sample.leaf)
     parts = {
         "rng: SFC64 uniform draws": rng,
-        "noise: (u - 1/2)·s + v": cum(mc._Sampler.perturb) - rng,
+        "noise: (u - 1/2)·s + v": cum(smp._Sampler.perturb) - rng,
         "matmul (batched, per-sample weights)": linear * share,
         "bias add (new array)": linear * (1 - share),
         "relu": act,
-        "per-node error stats (float64, every node)": cum(mc._Sample._record)
+        "per-node error stats (float64, every node)": cum(mp._Sample._record)
         + cum(mc._Moments.stats),
-        "setup: reference passes + grids + plan": cum(mc._Reference.leaf) + cum(mc._make_plan)
-        + cum(mc._bytes_per_sample),
+        "setup: reference passes + grids + plan": cum(mp._Reference.leaf) + cum(mp._make_plan)
+        + cum(mp._bytes_per_sample),
     }
     parts["other (python, dtype casts, allocation)"] = max(0.0, elapsed - sum(parts.values()))
     return elapsed, parts
