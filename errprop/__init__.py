@@ -10,10 +10,13 @@ from ._analysis import analyze
 from ._attention import Attention
 from ._builders import mlp, transformer, transformer_block
 from ._config import QuantConfig, Source
+from ._bert import encode, load_bert, minilm_path, tokenize
 from ._embedding import Embedding
+from ._io import load, mask_padding, save
 from ._convergence import Convergence, ConvergenceRow, convergence
 from ._graph import NodeInfo, Residual, Sequential
 from ._linear import Linear
+from ._onnx import from_onnx
 from ._montecarlo import MonteCarloResult, NodeStats, monte_carlo
 from ._norm import L2Normalize, LayerNorm, RMSNorm
 from ._pool import MeanPool
@@ -23,6 +26,8 @@ from ._compare import Comparison, ComparisonRow
 from ._probes import NodeStatistics
 from ._report import NodeResult, Report, SourceResult, relative_residual, sqnr_db
 from ._statistics import OutputStatistics
+from ._sklearn import from_sklearn
+from ._torch import from_torch
 
 __version__ = "0.1.0"
 
@@ -60,10 +65,20 @@ __all__ = [
     "UniformGrid",
     "analyze",
     "convergence",
+    "from_onnx",
+    "from_sklearn",
+    "from_torch",
     "mlp",
     "monte_carlo",
     "relative_residual",
     "sqnr_db",
     "transformer",
     "transformer_block",
+    "encode",
+    "load",
+    "load_bert",
+    "mask_padding",
+    "minilm_path",
+    "save",
+    "tokenize",
 ]

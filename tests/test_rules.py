@@ -39,6 +39,8 @@ def _make(kind, rng, d=8):
         "softmax": lambda: ep.Softmax(),
         "layernorm": lambda: ep.LayerNorm(1 + rng.standard_normal(d), rng.standard_normal(d)),
         "rmsnorm": lambda: ep.RMSNorm(1 + rng.standard_normal(d)),
+        "l2normalize": lambda: ep.L2Normalize(),
+        "meanpool": lambda: ep.MeanPool(),
         "attention": lambda: ep.Attention(W(d, d), W(d, d), W(d, d), W(d, d),
                                           *rng.standard_normal((4, d)), heads=2),
         "attention_causal": lambda: ep.Attention(W(d, d), W(d, d), W(d, d), W(d, d),
@@ -50,8 +52,9 @@ def _make(kind, rng, d=8):
 
 
 ACTS = [f"act:{k}" for k in ep.ACTIVATIONS]
-POINTWISE = ["linear", "linear_nobias", "softmax", "layernorm", "rmsnorm", *ACTS]
-ATTENTION = ["attention", "attention_causal", "attention_narrow"]
+POINTWISE = ["linear", "linear_nobias", "softmax", "layernorm", "rmsnorm", "l2normalize",
+             *ACTS]
+ATTENTION = ["attention", "attention_causal", "attention_narrow", "meanpool"]
 
 
 @pytest.mark.parametrize("domain", ["normal", "wide", "small", "offset"])
@@ -71,6 +74,27 @@ def test_rule_matches_finite_differences(kind, shape, domain, rng):
 @pytest.mark.parametrize("kind", ATTENTION)
 def test_attention_rule_matches_finite_differences(kind, shape, domain, rng):
     check_rule(_make(kind, rng), _domain(rng, shape, domain))
+
+
+def _padding(rng, batch, tokens):
+    """A random padding mask with at least one real token per row, real tokens first."""
+    lengths = rng.integers(1, tokens + 1, batch)
+    return np.arange(tokens)[None, :] < lengths[:, None]
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 8), (3, 7, 8)])
+@pytest.mark.parametrize("kind", ["attention", "attention_causal", "meanpool"])
+def test_masked_rules_match_finite_differences(kind, shape, rng):
+    op = _make(kind, rng).with_mask(_padding(rng, *shape[:2]))
+    check_rule(op, rng.standard_normal(shape))
+
+
+@pytest.mark.parametrize("tables", [("word",), ("word", "position", "token_type")])
+def test_embedding_rule_matches_finite_differences(tables, rng):
+    sizes = {"word": 40, "position": 9, "token_type": 2}
+    op = ep.Embedding(**{k: rng.standard_normal((sizes[k], 6)) for k in tables})
+    # the ids are an index: only the tables carry tangents; no exact statistics for them
+    check_rule(op, rng.integers(0, 40, (3, 7)).astype(float), check_vjp=False)
 
 
 def test_layernorm_near_constant_input(rng):

@@ -1,0 +1,139 @@
+"""errprop.save / errprop.load: bit-for-bit round trips, whole-or-nothing writes, clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+import errprop as ep
+
+
+def _tiny_bert(rng, batch=3, tokens=6, d=8, vocab=30):
+    ids = rng.integers(1, vocab, (batch, tokens))
+    lengths = np.array([tokens, 2, 4])[:batch]
+    mask = np.arange(tokens)[None] < lengths[:, None]
+    ids[~mask] = 0
+    W = lambda *s: rng.standard_normal(s) / np.sqrt(s[-1])  # noqa: E731
+    net = ep.Sequential([
+        ep.Embedding(rng.standard_normal((vocab, d)), rng.standard_normal((tokens, d)),
+                     rng.standard_normal((2, d)), pad_id=0, name="embed"),
+        ep.LayerNorm(np.ones(d), np.zeros(d), eps=1e-12),
+        ep.Residual(ep.Attention(W(d, d), W(d, d), W(d, d), W(d, d), *rng.standard_normal((4, d)),
+                                 heads=2)),
+        ep.Residual(ep.Linear(W(16, d), rng.standard_normal(16)), ep.Activation("gelu"),
+                    ep.Linear(W(d, 16))),
+        ep.RMSNorm(1 + rng.standard_normal(d)),
+        ep.MeanPool(), ep.L2Normalize()])
+    return ep.mask_padding(net, mask), ids
+
+
+NETS = {
+    "mlp": lambda rng: (ep.mlp([6, 16, 16, 3], "tanh", seed=1), rng.standard_normal((5, 6))),
+    "pre-norm transformer": lambda rng: (ep.transformer(8, 2, 16, 2, seed=2),
+                                         rng.standard_normal((2, 5, 8))),
+    "post-norm causal": lambda rng: (ep.transformer(8, 4, 16, 1, norm="post", causal=True,
+                                                    seed=3), rng.standard_normal((2, 4, 8))),
+    "masked bert-like": _tiny_bert,
+}
+
+
+@pytest.mark.parametrize("kind", NETS)
+def test_round_trip_is_bit_for_bit(kind, rng, tmp_path):
+    net, x = NETS[kind](rng)
+    folder = ep.save(net, tmp_path / "model")
+    back = ep.load(folder)
+    assert [n for n, _ in back.layers()] == [n for n, _ in net.layers()]
+    assert np.array_equal(back(x), net(x))
+    config = ep.QuantConfig(weights=ep.Uniform(4, granularity="channel"))
+    if kind != "masked bert-like":
+        config = ep.QuantConfig(weights=ep.Uniform(4, granularity="channel"),
+                                activations=ep.Uniform(6))
+    a, b = ep.analyze(net, x, config), ep.analyze(back, x, config)
+    assert np.array_equal(a.exact, b.exact) and np.array_equal(a.first_order, b.first_order)
+    spec = json.loads((folder / "model.json").read_text())  # human-readable graph
+    assert spec["format"] == "errprop-model" and spec["num_params"] == net.num_params()
+
+
+def test_spec_names_layers_and_shapes(tmp_path):
+    net = ep.mlp([4, 5, 2], seed=0)
+    spec = json.loads((ep.save(net, tmp_path / "m") / "model.json").read_text())
+    first = spec["net"]["layers"][0]
+    assert first["type"] == "Linear" and first["node"] == "fc1"
+    assert first["params"]["W"]["shape"] == [5, 4]
+
+
+def test_save_is_whole_or_nothing(tmp_path, monkeypatch):
+    net = ep.mlp([4, 5, 2], seed=0)
+    folder = ep.save(net, tmp_path / "m")
+    before = (folder / "weights.npz").read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken)
+    with pytest.raises(OSError, match="disk full"):
+        ep.save(ep.mlp([4, 7, 2], seed=1), folder)
+    assert (folder / "weights.npz").read_bytes() == before  # the old model is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary left behind
+    with pytest.raises(OSError):
+        ep.save(net, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_save_replaces_an_existing_model_but_not_other_folders(tmp_path):
+    ep.save(ep.mlp([4, 5, 2], seed=0), tmp_path / "m")
+    ep.save(ep.mlp([4, 9, 2], seed=0), tmp_path / "m")
+    assert ep.load(tmp_path / "m")["fc1"].params["W"].shape == (9, 4)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not an errprop model"):
+        ep.save(ep.mlp([4, 5, 2]), tmp_path / "data")
+
+
+def test_save_lists_every_unknown_layer(tmp_path):
+    class Double(ep.Op):
+        def forward(self, x, params=None):
+            return 2 * x
+
+        def jvp(self, x, y, dx, dparams):
+            return 2 * dx
+
+    net = ep.Sequential([ep.Linear(np.eye(3)), Double(), ep.Linear(np.eye(3)), Double()])
+    with pytest.raises(TypeError, match=r"op1 \(Double\), op2 \(Double\)"):
+        ep.save(net, tmp_path / "m")
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda f: (f / "model.json").write_text("{nope"), "not valid JSON"),
+    (lambda f: (f / "model.json").write_text('{"format": "other"}'), "not an errprop model"),
+    (lambda f: (f / "model.json").write_text(
+        (f / "model.json").read_text().replace('"version": 1', '"version": 99')), "version 99"),
+    (lambda f: (f / "weights.npz").unlink(), "no weights.npz"),
+    (lambda f: (f / "model.json").write_text(
+        (f / "model.json").read_text().replace('"Linear"', '"Conv"', 1)), "unknown layer type"),
+])
+def test_damaged_model_folders_give_clear_errors(damage, match, tmp_path):
+    folder = ep.save(ep.mlp([4, 5, 2], seed=0), tmp_path / "m")
+    damage(folder)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        ep.load(folder)
+
+
+def test_load_says_what_it_cannot_read(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ep.load(tmp_path / "missing")
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    with pytest.raises(ValueError, match="cannot tell what"):
+        ep.load(tmp_path / "weights.bin")
+
+
+def test_mask_padding_shares_parameters_and_checks_the_mask(rng):
+    net, ids = _tiny_bert(rng)
+    plain = ep.mask_padding(net, None)
+    assert plain["embed"].params["word"] is net["embed"].params["word"]
+    with pytest.raises(ValueError, match="mask_padding"):
+        plain(ids)  # padded ids through unmasked attention
+    with pytest.raises(ValueError, match="mask every token"):
+        ep.mask_padding(net, np.zeros(ids.shape, bool))
+    with pytest.raises(ValueError, match="no layer that takes a padding mask"):
+        ep.mask_padding(ep.mlp([3, 3]), np.ones((2, 3), bool))
