@@ -25,6 +25,10 @@ _MAX_STEP = float(np.sqrt(np.finfo(np.float64).max / 12))  # s²/12 must stay fi
 GRANULARITIES = ("tensor", "channel", "group")
 CLIPS = ("minmax", "percentile", "mse")
 SCALES = ("float", "pow2")
+ARITHMETICS = ("float64", "torch")
+_F32 = np.float32
+# torch's observers floor the scale at float32 eps (MinMaxObserver.eps)
+_TORCH_MIN_SCALE = float(np.finfo(np.float32).eps)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,10 @@ class UniformGrid:
     """A fitted uniform grid: ``Q(x) = s · (clip(round(x/s) + z, qmin, qmax) - z)``.
 
     ``scale`` and ``zero_point`` broadcast against the tensor they were fitted on.
+    ``arithmetic="float64"`` (default) forms ``x / s`` in float64;
+    ``arithmetic="torch"`` reproduces PyTorch's float32 fake-quant kernels bit for bit:
+    ``round(float32(x) · float32(1/s))`` in float32, output ``float32((q - z) · s)``
+    (returned as float64). ``s`` is then a float32 number.
     """
 
     scale: Array
@@ -81,6 +89,7 @@ class UniformGrid:
     qmin: int
     qmax: int
     rounding: str
+    arithmetic: str = "float64"
 
     @property
     def lo(self) -> Array:
@@ -94,6 +103,8 @@ class UniformGrid:
 
     def quantize(self, x: Array, *, rng: np.random.Generator | None = None) -> Array:
         """Round ``x`` onto the grid (values outside the range are clipped)."""
+        if self.arithmetic == "torch":
+            return self._quantize_torch(x, rng)
         u = x / self.scale
         if self.rounding == "nearest":
             q = np.rint(u)  # round half to even, as PyTorch and IEEE
@@ -106,6 +117,25 @@ class UniformGrid:
             q = np.floor(u + rng.random(u.shape))
         q = np.clip(q + self.zero_point, self.qmin, self.qmax)
         return (q - self.zero_point) * self.scale
+
+    def _quantize_torch(self, x: Array, rng: np.random.Generator | None) -> Array:
+        # PyTorch (fake_quantize_per_tensor_affine / _per_channel_affine, CPU, float32):
+        #   inv_scale = 1.0f / scale;  q = nearbyint(x * inv_scale) + zero_point   (float32)
+        #   out = (clamp(q, quant_min, quant_max) - zero_point) * scale           (to float32)
+        s = np.asarray(self.scale, dtype=_F32)
+        z = np.asarray(self.zero_point, dtype=_F32)
+        u = np.asarray(x, dtype=_F32) * (_F32(1.0) / s)
+        if self.rounding == "nearest":
+            q = np.rint(u)
+        elif self.rounding == "floor":
+            q = np.floor(u)
+        else:
+            if rng is None:
+                raise ValueError("stochastic rounding needs a random generator: pass rng= "
+                                 "(numpy.random.Generator) or a seed to the analysis")
+            q = np.floor(u + rng.random(u.shape).astype(_F32))
+        q = np.clip(q + z, self.qmin, self.qmax)
+        return ((q - z) * s).astype(np.float64)
 
     def error_model(self, x: Array) -> ErrorModel:
         """Per-element error model of quantizing ``x`` with this grid."""
@@ -126,7 +156,12 @@ class UniformGrid:
             max_abs = np.where(p > 0, np.maximum(p, 1 - p) * s, 0.0)
             mean, var = np.zeros_like(x), p * (1 - p) * s * s
             width = np.where(p > 0, s, 0.0)
-        return ErrorModel(max_abs=np.where(clipped, np.abs(clip_err), max_abs),
+        max_abs = np.where(clipped, np.abs(clip_err), max_abs)
+        if self.arithmetic == "torch":
+            # float32 arithmetic: x·(1/s) and the output are rounded to float32, so the
+            # error (clipped or not) may pass its float64 value by a few float32 ulp of x
+            max_abs = max_abs + 2.0 ** -20 * np.abs(x)
+        return ErrorModel(max_abs=max_abs,
                           mean=np.where(clipped, clip_err, mean),
                           var=np.where(clipped, 0.0, var), clipped=clipped,
                           width=np.where(clipped, 0.0, width))
@@ -166,12 +201,32 @@ class Uniform(Quantizer):
         range ``[-2^(b-1), 2^(b-1)-1]`` with ``scale = max|x| / ((2^b-1)/2)``,
         PyTorch's symmetric observer rule.
     percentile : float in (0, 100], for ``clip="percentile"``.
+    arithmetic : ``"float64"`` (default) or ``"torch"``.
+
+        * ``"float64"``: the scale is a float64 number and ``round(x / scale)`` is formed in
+          float64; the output is ``(q - z) · scale`` in float64. Rounding is half to even,
+          as in PyTorch, but the float64 quotient can land on the other side of a rounding
+          tie than PyTorch's float32 product (rarely: about one element in 10⁵–10⁶ at 8 bits).
+        * ``"torch"``: reproduces PyTorch bit for bit on float32 tensors — the scale is
+          computed the way ``torch.ao.quantization.MinMaxObserver.calculate_qparams`` does
+          it (float32 arithmetic, floored at float32 eps, zero point
+          ``qmin - round(min / scale)``) and applied the way
+          ``torch.fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine``
+          do (``round(float32(x) · float32(1/scale))`` in float32, output rounded to
+          float32). Use it with ``restricted_range=False`` for PyTorch's default symmetric
+          ``qint8`` range ``[-128, 127]`` (``quant_min=-127`` keeps errprop's default).
+          The error model widens ``max_abs`` by ``2^-20·|x|`` for the float32 roundings.
+
+    Examples
+    --------
+    >>> Uniform(8, restricted_range=False, arithmetic="torch")  # torch qint8, per tensor
+    Uniform(8, restricted_range=False, arithmetic='torch')
     """
 
     def __init__(self, bits: int, symmetric: bool = True, granularity: str = "tensor",
                  group_size: int | None = None, rounding: str = "nearest", clip: str = "minmax",
                  scale: str = "float", *, restricted_range: bool = True,
-                 percentile: float = 99.99) -> None:
+                 percentile: float = 99.99, arithmetic: str = "float64") -> None:
         if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) \
                 or not 2 <= bits <= 16:
             raise ValueError(f"Uniform: bits must be an integer from 2 to 16, got {bits!r}")
@@ -181,6 +236,7 @@ class Uniform(Quantizer):
         self.rounding = _check_choice("rounding", rounding, ROUNDINGS)
         self.clip = _check_choice("clip", clip, CLIPS)
         self.scale = _check_choice("scale", scale, SCALES)
+        self.arithmetic = _check_choice("arithmetic", arithmetic, ARITHMETICS)
         if self.granularity == "group":
             if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
                     or group_size < 1:
@@ -230,6 +286,8 @@ class Uniform(Quantizer):
 
     def _grid_for(self, lo: Array, hi: Array) -> tuple[Array, Array]:
         lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+        if self.arithmetic == "torch":
+            return self._grid_for_torch(lo, hi)
         if self.symmetric:
             amax = np.maximum(-lo, hi)
             denom = self.qmax if self.restricted_range else (self.qmax - self.qmin) / 2
@@ -252,6 +310,25 @@ class Uniform(Quantizer):
             zero = np.clip(np.rint(-lo / scale), self.qmin, self.qmax)
         return scale, zero
 
+    def _grid_for_torch(self, lo: Array, hi: Array) -> tuple[Array, Array]:
+        # MinMaxObserver._calculate_qparams on float32 min/max, in float32
+        lo, hi = lo.astype(_F32), hi.astype(_F32)
+        with np.errstate(over="ignore"):
+            if self.symmetric:
+                denom = self.qmax if self.restricted_range else (self.qmax - self.qmin) / 2
+                scale = np.maximum(-lo, hi) / _F32(denom)
+            else:
+                scale = (hi - lo) / _F32(self.qmax - self.qmin)
+        scale = np.maximum(scale, _F32(_TORCH_MIN_SCALE))
+        if self.scale == "pow2":
+            mant, expo = np.frexp(scale.astype(np.float64))
+            scale = np.ldexp(1.0, np.where(mant == 0.5, expo - 1, expo)).astype(_F32)
+        if self.symmetric:
+            zero = np.zeros(scale.shape)
+        else:
+            zero = np.clip(self.qmin - np.rint(lo / scale), self.qmin, self.qmax)
+        return scale.astype(np.float64), zero.astype(np.float64)
+
     def fit(self, x: Array, *, channel_axis: int = 0, what: str = "tensor") -> UniformGrid:
         x = np.asarray(x, dtype=np.float64)
         if x.size == 0:
@@ -269,7 +346,8 @@ class Uniform(Quantizer):
             best = np.full(scale.shape, np.inf)
             for ratio in np.linspace(0.3, 1.0, 36):
                 s, z = self._grid_for(lo * ratio, hi * ratio)
-                err = UniformGrid(s, z, self.qmin, self.qmax, "nearest").quantize(xg) - xg
+                err = UniformGrid(s, z, self.qmin, self.qmax, "nearest",
+                                  self.arithmetic).quantize(xg) - xg
                 mse = np.sum(err * err, axis=axes, keepdims=True)
                 better = mse < best
                 best = np.where(better, mse, best)
@@ -277,13 +355,14 @@ class Uniform(Quantizer):
         if self.granularity == "group" and x.ndim > 0:
             scale = np.repeat(scale, self.group_size, axis=-1).reshape(x.shape)
             zero = np.repeat(zero, self.group_size, axis=-1).reshape(x.shape)
-        return UniformGrid(scale, zero, self.qmin, self.qmax, self.rounding)
+        return UniformGrid(scale, zero, self.qmin, self.qmax, self.rounding, self.arithmetic)
 
     # -------------------------------------------------------------------- misc
     def __repr__(self) -> str:
         parts = [str(self.bits)]
         defaults = dict(symmetric=True, granularity="tensor", group_size=None,
-                        rounding="nearest", clip="minmax", scale="float", restricted_range=True)
+                        rounding="nearest", clip="minmax", scale="float", restricted_range=True,
+                        arithmetic="float64")
         for key, default in defaults.items():
             value = getattr(self, key)
             if value != default:
