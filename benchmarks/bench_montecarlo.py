@@ -10,13 +10,14 @@ Measured, in float32 and float64, in one run (round-robin repeats, medians):
 
 * errprop: ``errprop.monte_carlo(net, x, config, samples=S, dtype=..., quantiles=())``,
   end to end (its setup included) and "sampling only" (setup subtracted, from
-  an extra 2-sample run);
+  an extra 2-sample run), with statistics at every node (the default) and with
+  ``nodes=()`` (the output only, as the torch reference);
 * torch: the same math written here in PyTorch CPU, batched over the sample
   axis (``torch.rand`` noise on the weights with the same per-row steps and on
   the activations, ``torch.baddbmm``, ReLU), the same samples and chunk size,
   with the output error's mean, variance and per-sample MSE accumulated in
-  float64 (errprop records these at every node, torch only at the output);
-* naive: one sample at a time in NumPy (same SFC64 generator as errprop);
+  float64 (torch only at the output);
+* naive: one sample at a time in NumPy (SFC64 ``Generator.random`` draws);
 * GEMM peak: numpy ``n×n @ n×n`` at n = 1024 and 2048, the best median.
 
 FLOPs of a run: ``2 · samples · inputs · Σ in·out``.
@@ -99,9 +100,13 @@ def make_problem(widths: list[int], inputs: int) -> Problem:
 
 
 # ---------------------------------------------------------------- errprop
-def run_errprop(p: Problem, samples: int, dtype: type) -> ep.MonteCarloResult:
+#: errprop variants measured: label -> extra keyword arguments of ``monte_carlo``
+VARIANTS = {"errprop": {}, "errprop, nodes=()": {"nodes": ()}}
+
+
+def run_errprop(p: Problem, samples: int, dtype: type, **kw: object) -> ep.MonteCarloResult:
     return ep.monte_carlo(p.net, p.x, p.config, samples=samples, seed=0, dtype=dtype,
-                          quantiles=(), progress=False)
+                          quantiles=(), progress=False, **kw)
 
 
 # ---------------------------------------------------------------- torch reference
@@ -229,17 +234,19 @@ def _key(fn: object) -> tuple[str, int, str]:
 
 
 def profile_errprop(p: Problem, samples: int, dtype: type) -> tuple[float, dict[str, float]]:
-    """One errprop run under cProfile: wall time and seconds per category.
+    """One errprop run (every node recorded) under cProfile: wall time and seconds per
+    category.
 
     Reads errprop's private functions (read only) to attribute the time:
     setup is the reference pass (float64 forward + the forward traced by
     tracemalloc that sizes the chunks) and the plan (grid fits, error models);
     in the sampling phase, the time of ``Linear.forward`` called by the
     sampling interpreter is split between the batched matmul and the bias add
-    in the ratio of their own times over the whole run.
+    in the ratio of their own times over the whole run. cProfile sees the main
+    thread only: work on the sampling threads (draws, noise, statistics tiles)
+    is counted where the main thread waits for it.
     """
-    from errprop import _activation, _linear, _mc_passes as mp, _montecarlo as mc, \
-        _sampling as smp
+    from errprop import _activation, _linear, _mc_passes as mp, _sampling as smp
 
     prof = cProfile.Profile()
     t0 = time.perf_counter()
@@ -259,18 +266,16 @@ def profile_errprop(p: Problem, samples: int, dtype: type) -> tuple[float, dict[
         callers = st.get(_key(fn), (0, 0, 0.0, 0.0, {}))[4]
         return callers.get(_key(caller), (0, 0, 0.0, 0.0))[3]
 
-    rng = cum(smp._Streams.fill)
     linear = cum_from(_linear.Linear.forward, mp._Sample.leaf)
     share = own(_linear._matmul_t) / max(cum(_linear.Linear.forward), 1e-12)
     act = cum_from(_activation.Activation.forward, mp._Sample.leaf)
     parts = {
-        "rng: SFC64 uniform draws": rng,
-        "noise: (u - 1/2)·s + v": cum(smp._Sampler.perturb) - rng,
+        "noise: 16-bit draws + c·k + (W + offset), threaded": cum(smp._Sampler.perturb),
         "matmul (batched, per-sample weights)": linear * share,
         "bias add (new array)": linear * (1 - share),
         "relu": act,
-        "per-node error stats (float64, every node)": cum(mp._Sample._record)
-        + cum(mc._Moments.stats),
+        "per-node error stats (float64 tiles, every node)": cum(mp._Sample._record)
+        + cum(mp._Moments.stats),
         "setup: reference passes + grids + plan": cum(mp._Reference.leaf) + cum(mp._make_plan)
         + cum(mp._bytes_per_sample),
     }
@@ -312,13 +317,16 @@ def measure_dtype(p: Problem, dtype: type, samples: int, naive_samples: int, rep
                  "naive_samples": naive_samples, "mse": {}, "parts": {}, "chunks": {}}
     mse, parts, chunks = out["mse"], out["parts"], out["chunks"]
 
-    def errprop_full() -> None:
-        r = run_errprop(p, samples, dtype)
-        chunks["errprop"] = r.chunk_size
+    def errprop_full(label: str, kw: dict) -> None:
+        r = run_errprop(p, samples, dtype, **kw)
+        chunks[label] = r.chunk_size
         lo, hi = r.mse_ci
-        mse["errprop"] = (r.mse, (hi - lo) / 2)
+        mse[label] = (r.mse, (hi - lo) / 2)
 
-    fns = {"errprop (2 samples)": lambda: run_errprop(p, 2, dtype), "errprop": errprop_full}
+    fns = {}
+    for label, kw in VARIANTS.items():
+        fns[f"{label} (2 samples)"] = lambda kw=kw: run_errprop(p, 2, dtype, **kw)
+        fns[label] = lambda label=label, kw=kw: errprop_full(label, kw)
     if torch is not None:
         ref = TorchReference(p, dtype)
         ref.run(2, 2)  # first-call initialisation of torch's kernels
@@ -350,17 +358,21 @@ def summarize(p: Problem, m: dict, peak: float) -> list[dict]:
     """One row per method: throughput, GFLOP/s, fraction of GEMM peak, ratio to the best torch."""
     N, S = p.x.shape[0], m["samples"]
     t = {k: C.Timing(v) for k, v in m["times"].items()}
-    t_full, t_two = t["errprop"].median, t["errprop (2 samples)"].median
-    per_sample = (t_full - t_two) / (S - 2)
-    if not per_sample > 0:  # too few samples or too noisy to separate the setup
-        per_sample = float("nan")
-    setup = max(0.0, t_two - 2 * per_sample)
+    per_sample, setup = {}, {}
+    for label in VARIANTS:
+        t_full, t_two = t[label].median, t[f"{label} (2 samples)"].median
+        per_sample[label] = (t_full - t_two) / (S - 2)
+        if not per_sample[label] > 0:  # too few samples or too noisy to separate the setup
+            per_sample[label] = float("nan")
+        setup[label] = max(0.0, t_two - 2 * per_sample[label])
     torch_keys = [k for k in t if k.startswith("torch")]
     best_torch = max((S * N / t[k].median for k in torch_keys), default=float("nan"))
     rows = []
-    for key in ("errprop", "errprop, sampling only", *torch_keys, "naive loop"):
-        if key == "errprop, sampling only":
-            samples, seconds, spread = 1, per_sample, float("nan")
+    errprop_keys = [k for label in VARIANTS for k in (label, f"{label}, sampling only")]
+    for key in (*errprop_keys, *torch_keys, "naive loop"):
+        if key.endswith(", sampling only"):
+            label = key[:-len(", sampling only")]
+            samples, seconds, spread = 1, per_sample[label], float("nan")
         elif key in t:
             samples = m["naive_samples"] if key == "naive loop" else S
             seconds, spread = t[key].median, t[key].spread
@@ -370,7 +382,8 @@ def summarize(p: Problem, m: dict, peak: float) -> list[dict]:
         gflops = samples * p.flops_per_sample / seconds / 1e9
         rows.append({"method": key, "dtype": m["dtype"], "samples": samples if key in t else S,
                      "chunk": m["chunks"].get(key, m["chunks"].get("errprop")),
-                     "seconds": seconds if key in t else setup, "spread": spread,
+                     "seconds": seconds if key in t else setup[key[:-len(", sampling only")]],
+                     "spread": spread,
                      "throughput": thr, "gflops": gflops, "of_peak": gflops / peak,
                      "vs_torch": thr / best_torch,
                      "mse": m["mse"].get(key, (float("nan"), float("nan")))})
@@ -399,7 +412,7 @@ def print_results(p: Problem, payload: dict) -> list[dict]:
         rows = summarize(p, m, _peak(payload, m["dtype"]))
         rows_out.extend(rows)
         for r in rows:
-            only = r["method"] == "errprop, sampling only"
+            only = r["method"].endswith(", sampling only")
             mse, ci = r["mse"]
             cells.append([
                 r["method"], r["dtype"], r["samples"], r["chunk"],
@@ -412,7 +425,7 @@ def print_results(p: Problem, payload: dict) -> list[dict]:
                    "samples·inputs/s", "GFLOP/s", "of numpy GEMM peak", "vs best torch",
                    "output MSE ± 99% CI"], cells))
     print()
-    print("spread = (max − min)/median over the repeats. `errprop, sampling only` = "
+    print("spread = (max − min)/median over the repeats. `..., sampling only` = "
           "(T(S) − T(2))/(S − 2) per sample; its `median s` cell is the setup T(2) − 2·that.")
     for m in payload["measured"]:
         e, ts = m["mse"].get("errprop"), [m["mse"][k] for k in m["mse"] if k.startswith("torch")]

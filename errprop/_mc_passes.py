@@ -1,5 +1,5 @@
-"""Monte Carlo passes: the float reference, the plan (every source's sampler), and one
-chunk of samples through the graph."""
+"""Monte Carlo passes: the float reference, the plan (every source's sampler), one
+chunk of samples through the graph, and the statistics accumulated per node."""
 
 from __future__ import annotations
 
@@ -13,11 +13,15 @@ from ._config import Source
 from ._graph import Sequential, check_finite_node
 from ._linear import Linear
 from ._op import Array, Op
-from ._sampling import _output_noise, _OutputNoise, _sampler, _Sampler, _Streams
+from ._sampling import _output_noise, _OutputNoise, _sampler, _Sampler, _Streams, _threads
 
 #: float32 runs need quantization steps at least this fraction of the largest value
 #: (about 840 float32 ulps), so float32 rounding stays far below the quantization error
 _FLOAT32_MIN_STEP = 1e-4
+#: two-sided 99% normal quantile
+_Z99 = 2.5758293035489004
+#: elements per tile of the node statistics: a chunk's float64 tile stays in cache
+_TILE = 1 << 14
 
 class _Reference:
     """Interpreter: the float64 forward, recording every node and the layer inputs; and
@@ -55,6 +59,95 @@ class _Reference:
         return y
 
 
+class _Moments:
+    """Per-element mean and variance over samples, the per-sample MSE, and the kept
+    samples (for quantiles) of one node.
+
+    Sums are taken around a fixed center, the first sample's value ``y₀`` (the
+    shifted-data algorithm: no cancellation when the mean error dominates its
+    spread, and the same center whatever the chunking). A chunk is processed in
+    tiles of ``_TILE`` elements, on the sampling threads: a tile's float64
+    deviations ``d = y - y₀`` (exact for float32 ``y``) stay in cache while
+    ``Σ_s d``, ``Σ_s d²``, and per sample ``Σ_j d²`` and ``Σ_j d·δ₀`` are taken,
+    with ``δ₀ = y₀ - y_float`` the first sample's error, so that a sample's
+    ``Σ_j (d + δ₀)²`` is its squared error. Per-sample sums add the tiles in a
+    fixed order: every per-sample value is bitwise the same for any chunking.
+    The first ``keep`` samples' errors are kept in the run's dtype.
+    """
+
+    def __init__(self, ref: Array, samples: int, keep: int, dtype: np.dtype) -> None:
+        self.shape = ref.shape
+        self.ref = ref.reshape(-1)
+        self.n = 0
+        self.center: Array | None = None
+        self.shift: Array | None = None
+        self.shift_sq = 0.0
+        self.sum = np.zeros(self.ref.size)
+        self.sumsq = np.zeros(self.ref.size)
+        self.mse = np.empty(samples)
+        self.keep = keep
+        self.kept = np.empty((keep, self.ref.size), dtype) if keep else None
+
+    def add(self, y: Array, start: int) -> None:
+        """Accumulate the chunk ``y`` (``(count, *shape)``) of samples ``start, ...``."""
+        count = y.shape[0]
+        flat = y.reshape(count, -1)
+        if self.center is None:
+            self.center = flat[0].astype(np.float64)
+            self.shift = self.center - self.ref
+            self.shift_sq = float(np.einsum("j,j->", self.shift, self.shift))
+        size = self.ref.size
+        tiles = list(range(0, size, _TILE))
+        sq = np.empty((len(tiles), count))
+        cross = np.empty((len(tiles), count))
+        kept = max(0, min(count, self.keep - start))
+
+        def work(first: int, stop: int) -> None:
+            buf = np.empty((count, min(_TILE, size)))
+            for t in range(first, stop):
+                a = tiles[t]
+                b = min(size, a + _TILE)
+                d = buf[:, :b - a]
+                np.copyto(d, flat[:, a:b])
+                d -= self.center[a:b]
+                self.sum[a:b] += np.add.reduce(d, axis=0)
+                self.sumsq[a:b] += np.einsum("ij,ij->j", d, d)
+                np.einsum("ij,ij->i", d, d, out=sq[t])
+                np.einsum("ij,j->i", d, self.shift[a:b], out=cross[t])
+                if kept:
+                    np.subtract(flat[:kept, a:b], self.ref[a:b], dtype=np.float64,
+                                out=self.kept[start:start + kept, a:b])
+
+        pool = _threads() if count * size >= 4 * _TILE else None
+        if pool is None:
+            work(0, len(tiles))
+        else:
+            half = len(tiles) // 2
+            for job in [pool.submit(work, 0, half), pool.submit(work, half, len(tiles))]:
+                job.result()
+        total = np.add.reduce(sq, axis=0) + 2.0 * np.add.reduce(cross, axis=0) + self.shift_sq
+        self.mse[start:start + count] = total / size
+        self.n += count
+
+    def finite(self, start: int, count: int) -> bool:
+        return bool(np.all(np.isfinite(self.mse[start:start + count])))
+
+    def stats(self, qs: tuple[float, ...]) -> dict[str, object]:
+        """The fields of :class:`NodeStats`."""
+        S = self.n
+        mean = self.shift + self.sum / S
+        var = np.maximum(self.sumsq - self.sum * self.sum / S, 0.0) / (S - 1)
+        mse = float(np.mean(self.mse))
+        half = _Z99 * float(np.std(self.mse, ddof=1)) / float(np.sqrt(S))
+        quantiles = {}
+        if self.kept is not None and qs:
+            values = np.quantile(self.kept, qs, axis=0).astype(np.float64)
+            quantiles = {q: v.reshape(self.shape) for q, v in zip(qs, values)}
+        return dict(mean=mean.reshape(self.shape), std=np.sqrt(var).reshape(self.shape),
+                    mse=mse, mse_ci=(max(0.0, mse - half), mse + half), mse_samples=self.mse,
+                    quantiles=quantiles, quantile_samples=self.keep if quantiles else 0)
+
+
 @dataclass(frozen=True, eq=False)
 class _Plan:
     dtype: np.dtype
@@ -69,12 +162,10 @@ class _Plan:
 class _Sample:
     """Interpreter: one chunk of samples through the graph, errors recorded per node."""
 
-    def __init__(self, plan: _Plan, ref: _Reference, moments: dict[str, _Moments],
-                 streams: _Streams, start: int, count: int, out_name: str,
-                 errors: Array | None, scratch: dict[int, Array]) -> None:
-        self.plan, self.ref, self.moments, self.streams = plan, ref, moments, streams
-        self.start, self.count, self.out_name, self.errors = start, count, out_name, errors
-        self.scratch = scratch
+    def __init__(self, plan: _Plan, moments: dict[str, _Moments], streams: _Streams,
+                 start: int, count: int, scratch: dict[int, Array]) -> None:
+        self.plan, self.moments, self.streams = plan, moments, streams
+        self.start, self.count, self.scratch = start, count, scratch
 
     def inject(self, src: _Sampler, x: Array, scratch: Array | None = None) -> Array:
         if self.plan.mode == "noise":
@@ -91,6 +182,12 @@ class _Sample:
             # reused by the next layer and chunk (fresh memory costs page faults)
             scratch = self._scratch(i, self.count * src.value.size, plan.dtype)
             params[src.source.param] = self.inject(src, src.value, scratch)
+        for key, value in plan.params[name].items():
+            if params[key] is value and op.param_kinds.get(key) == "weight":
+                # a weight shared by all samples still pairs with them one to one: one
+                # GEMM per sample, whose rounding does not depend on how many samples
+                # share the chunk (BLAS rounds a row differently for other row counts)
+                params[key] = np.broadcast_to(value, (self.count, *value.shape))
         y = op.forward(x, params)
         for fast in plan.fast.get(name, ()):
             y = y + fast.sample(self.streams, self.start, self.count)
@@ -110,14 +207,11 @@ class _Sample:
         return self.scratch[key]
 
     def _record(self, name: str, y: Array) -> None:
-        ref = self.ref.values[name]
-        buf = self._scratch(-1, y.size, np.dtype(np.float64))
-        err = np.subtract(y, ref, out=buf[:y.size].reshape(y.shape), dtype=np.float64)
-        moments = self.moments[name]
-        if name == self.out_name and self.errors is not None:
-            self.errors[self.start:self.start + self.count] = err
-        moments.add(err, self.start)
-        if not np.all(np.isfinite(moments.mse[self.start:self.start + self.count])):
+        moments = self.moments.get(name)
+        if moments is None:  # not recorded
+            return
+        moments.add(y, self.start)
+        if not moments.finite(self.start, self.count):
             raise ValueError(f"node {name!r}: a Monte Carlo sample (shape {y.shape}) contains "
                              f"NaN/Inf; the perturbed network overflows here")
 
@@ -177,7 +271,7 @@ def _bytes_per_sample(net: Sequential, ref: _Reference, plan: _Plan) -> int:
     worst = 0
     for name, _ in net.layers():
         y = ref.values[name]
-        cost = ref.working[name] + 3 * 8 * y.size  # the op's forward; float64 error stats
+        cost = ref.working[name] + 2 * 8 * _TILE  # the op's forward; statistics tiles
         if name in plan.activations:
             cost += temps * item * plan.activations[name].value.size
         cost += temps * item * sum(s.value.size for s in plan.param_sources.get(name, ()))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TextIO
 
 import numpy as np
@@ -36,14 +36,12 @@ import numpy as np
 from ._config import QuantConfig
 from ._graph import Sequential, check_input, unknown_name_message, walk
 from ._linear import Linear
-from ._mc_passes import _bytes_per_sample, _make_plan, _Reference, _Sample
+from ._mc_passes import _bytes_per_sample, _make_plan, _Moments, _Reference, _Sample
 from ._op import Array
 from ._sampling import _Streams
 
 _MODES = ("noise", "quantize")
 _WEIGHT_NOISE = ("exact", "output")
-#: two-sided 99% normal quantile
-_Z99 = 2.5758293035489004
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +56,12 @@ class NodeStats:
     mse_ci : 99% confidence interval of ``mse``, ``mse ± 2.576·sd/√S`` with ``sd``
         the standard deviation of the per-sample values (lower end clipped at 0).
     mse_samples : the per-sample values, shape ``(S,)``.
+    quantiles : ``q -> array`` of the node's shape, the per-element quantiles of the
+        error (``numpy.quantile``, linear interpolation) over the first
+        ``quantile_samples`` samples; empty when none were kept.
+    quantile_samples : how many samples the quantiles come from: all of them when
+        the node's errors fit the memory budget (see :func:`monte_carlo`), else
+        the first ones that fit (the same samples whatever the chunking), 0 for none.
     """
 
     mean: Array
@@ -65,6 +69,8 @@ class NodeStats:
     mse: float
     mse_ci: tuple[float, float]
     mse_samples: Array
+    quantiles: dict[float, Array] = field(default_factory=dict)
+    quantile_samples: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,10 +81,11 @@ class MonteCarloResult:
     ----------
     mean, std, mse, mse_ci, mse_samples : the output node's :class:`NodeStats`.
     quantiles : ``q -> array`` of the output's shape, the per-element quantiles
-        of the output error.
+        of the output error over every sample.
     errors : ``(samples, *output.shape)`` output errors of every sample (in the
         run's dtype), kept for the quantiles; None when ``quantiles=()``.
-    nodes : node name -> :class:`NodeStats`, every node in execution order.
+    nodes : node name -> :class:`NodeStats`, every recorded node (all by
+        default, see ``nodes=``) in execution order; the output is always one.
     output : the float output (float64).
     samples, seconds, chunk_size : sample count, wall time, samples per chunk.
     mode, dtype, seed, weight_noise : the run's settings (``seed`` is the one
@@ -118,49 +125,13 @@ class MonteCarloResult:
                 f"{self.mse:.4g} (99% CI {lo:.4g} .. {hi:.4g}), {self.seconds:.2f} s>")
 
 
-# ---------------------------------------------------------------- statistics
-class _Moments:
-    """Per-element mean and variance over samples, and the per-sample MSE, of one node.
-
-    Sums are taken around a fixed shift, the first sample's error (the
-    shifted-data algorithm: no cancellation when the mean dominates the
-    spread, and the same shift whatever the chunking).
-    """
-
-    def __init__(self, shape: tuple[int, ...], samples: int) -> None:
-        self.n = 0
-        self.shift: Array | None = None
-        self.sum = np.zeros(shape)
-        self.sumsq = np.zeros(shape)
-        self.mse = np.empty(samples)
-
-    def add(self, err: Array, start: int) -> None:
-        """Accumulate ``err`` (``(count, *shape)``, float64; overwritten), samples ``start...``."""
-        flat = err.reshape(err.shape[0], -1)
-        self.mse[start:start + err.shape[0]] = np.einsum("ij,ij->i", flat, flat) / flat.shape[1]
-        if self.shift is None:
-            self.shift = err[0].copy()
-        err -= self.shift
-        self.sum += err.sum(axis=0)
-        np.square(err, out=err)
-        self.sumsq += err.sum(axis=0)
-        self.n += err.shape[0]
-
-    def stats(self) -> NodeStats:
-        S = self.n
-        mean = self.shift + self.sum / S
-        var = np.maximum(self.sumsq - self.sum * self.sum / S, 0.0) / (S - 1)
-        mse = float(np.mean(self.mse))
-        half = _Z99 * float(np.std(self.mse, ddof=1)) / float(np.sqrt(S))
-        return NodeStats(mean, np.sqrt(var), mse, (max(0.0, mse - half), mse + half), self.mse)
-
-
 # ---------------------------------------------------------------- entry point
 def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 1000, *,
                 seed: int | None = 0, mode: str = "noise", chunk_size: int | None = None,
                 memory_limit: int = 2 ** 30, dtype: type | np.dtype | str = np.float64,
                 quantiles: Sequence[float] = (0.005, 0.5, 0.995), progress: bool | None = None,
-                weight_noise: str = "exact") -> MonteCarloResult:
+                weight_noise: str = "exact", nodes: str | Sequence[str] = "all"
+                ) -> MonteCarloResult:
     """Sample the quantization error of ``net`` on ``x`` and run the real network.
 
     Parameters
@@ -180,11 +151,13 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
         floor rounding, real stochastic rounding otherwise). See Notes.
     chunk_size : samples per chunk; default: as many as keep the chunk's live
         arrays under ``memory_limit`` bytes.
-    memory_limit : bytes, for a chunk's arrays and for the kept output errors.
+    memory_limit : bytes, for a chunk's arrays and for the errors kept for the
+        quantiles: the output's (all samples; an error if they do not fit), then
+        the other recorded nodes' within half of what remains (see Notes).
     dtype : ``numpy.float64`` or ``numpy.float32`` (faster; warns when a
         quantization step is below ``1e-4`` of its tensor's largest value).
     quantiles : probabilities in [0, 1] for the per-element quantiles of the
-        output error; ``()`` keeps no per-sample outputs.
+        error at the output and at every recorded node; ``()`` keeps no samples.
     progress : None shows a progress line on stderr if it is a terminal and the
         run is expected to take over 2 s; True/False force it on/off.
     weight_noise : ``"exact"``, or ``"output"`` (noise mode only): a Linear
@@ -194,6 +167,10 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
         covariance of ``X ΔWᵀ`` over the ``N`` = batch·tokens rows of the float
         layer input ``X``: ``min(N, in)`` draws per output row instead of
         ``in``. Other sources stay exact; ``.fast_sources`` lists the sampled ones.
+    nodes : ``"all"`` (default), or the names of the nodes whose statistics to
+        record; the output is always recorded. Each recorded node costs a few
+        passes over its values per sample (about a quarter of a width-1024
+        Linear layer's time), so ``nodes=()`` is the fastest.
 
     Returns
     -------
@@ -213,6 +190,13 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
     ``weight_noise="output"`` is exact in mean and covariance and near-exact in
     distribution (a sum of ``in`` independent terms, Gaussian by the CLT); it
     uses the float layer input, so it neglects the second-order ``ΔW·Δx``.
+
+    Quantiles are exact order statistics (``numpy.quantile``) of kept samples, not
+    a streaming estimate. The output keeps every sample. The other recorded
+    nodes share half of ``memory_limit`` minus the output's kept bytes: when all
+    their samples fit they keep all; otherwise every node keeps the first ``K``
+    samples that fit (``NodeStats.quantile_samples = K``; none when ``K < 2``), so
+    their quantiles are those of a ``K``-sample run, the same for any chunking.
     """
     t0 = time.perf_counter()
     x = check_input(net, x)
@@ -235,6 +219,7 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
     qs = _check_quantiles(quantiles)
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"monte_carlo: progress must be None, True or False, got {progress!r}")
+    recorded = _check_nodes(net, nodes)
 
     sources = config.sources(net)
     ops = dict(net.layers())
@@ -254,14 +239,20 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
                          f"for the quantiles needs {kept / 2**20:.0f} MiB, over memory_limit="
                          f"{memory_limit}; pass quantiles=(), fewer samples, or a larger "
                          f"memory_limit")
+    hidden = [n for n in recorded if n != out_name]
+    per_sample = itemsize * sum(ref.values[n].size for n in hidden)
+    keep = 0
+    if qs and per_sample:
+        keep = min(samples, (memory_limit - kept) // 2 // per_sample)
+        keep = keep if keep >= 2 else 0
+    kept += keep * per_sample
     if chunk_size is None:
-        per_sample = _bytes_per_sample(net, ref, plan)
-        chunk_size = max(1, (memory_limit - kept) // per_sample)
+        chunk_size = max(1, (memory_limit - kept) // _bytes_per_sample(net, ref, plan))
     chunk_size = min(chunk_size, samples)
 
-    moments = {info.name: _Moments(ref.values[info.name].shape, samples)
-               for info in net.nodes()}
-    errors = np.empty((samples, *y_float.shape), run_dtype) if qs else None
+    moments = {name: _Moments(ref.values[name], samples,
+                              (samples if qs else 0) if name == out_name else keep, run_dtype)
+               for name in recorded}
     streams = _Streams(seed)
     x_run = x.astype(run_dtype)
     bar = _Progress(samples, progress, sys.stderr)
@@ -269,8 +260,7 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
     with np.errstate(over="ignore", invalid="ignore"):
         for start in range(0, samples, chunk_size):
             count = min(chunk_size, samples - start)
-            interp = _Sample(plan, ref, moments, streams, start, count, out_name, errors,
-                             scratch)
+            interp = _Sample(plan, moments, streams, start, count, scratch)
             state = np.broadcast_to(x_run, (count, *x.shape))
             if plan.at_input is not None:
                 state = interp.inject(plan.at_input, state)
@@ -278,14 +268,14 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
             bar.update(start + count, time.perf_counter() - t0)
     bar.close()
 
-    nodes = {name: m.stats() for name, m in moments.items()}
-    out = nodes[out_name]
-    quant = {} if errors is None else dict(zip(qs, np.quantile(errors, qs, axis=0)
-                                                .astype(np.float64)))
+    stats = {name: NodeStats(**m.stats(qs)) for name, m in moments.items()}
+    out = stats[out_name]
+    kept_out = moments[out_name].kept
+    errors = None if kept_out is None else kept_out.reshape(samples, *y_float.shape)
     fast = tuple(f.name for layer in plan.fast.values() for f in layer)
     return MonteCarloResult(
         mean=out.mean, std=out.std, mse=out.mse, mse_ci=out.mse_ci, mse_samples=out.mse_samples,
-        quantiles=quant, errors=errors, nodes=nodes, output=y_float, samples=samples,
+        quantiles=out.quantiles, errors=errors, nodes=stats, output=y_float, samples=samples,
         seconds=time.perf_counter() - t0, chunk_size=chunk_size, mode=mode,
         dtype=run_dtype.name, seed=seed, weight_noise=weight_noise, fast_sources=fast)
 
@@ -362,3 +352,22 @@ def _check_quantiles(quantiles: object) -> tuple[float, ...]:
             raise ValueError(f"monte_carlo: every quantile must be a number in [0, 1], got {q!r}")
         out.append(float(q))
     return tuple(out)
+
+
+def _check_nodes(net: Sequential, nodes: object) -> list[str]:
+    """The recorded node names in execution order, the output always among them."""
+    names = [info.name for info in net.nodes()]
+    if isinstance(nodes, str):
+        if nodes != "all":
+            raise ValueError(f"monte_carlo: nodes must be 'all' or a sequence of node names, "
+                             f"got {nodes!r}")
+        return names
+    if not isinstance(nodes, Sequence):
+        raise TypeError(f"monte_carlo: nodes must be 'all' or a sequence of node names, "
+                        f"got {nodes!r}")
+    for name in nodes:
+        if name not in names:
+            raise ValueError(f"monte_carlo: nodes: "
+                             f"{unknown_name_message('node', str(name), names)}")
+    chosen = set(nodes) | {names[-1]}
+    return [n for n in names if n in chosen]

@@ -11,11 +11,13 @@ covariance entry within ``K·√(2/S)`` of unit-normalised truth, with ``K = 5``
 import io
 import sys
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 import errprop as ep
+from errprop import _mc_passes, _sampling
 from errprop._montecarlo import MonteCarloResult, _Progress, monte_carlo
 
 K = 5.0
@@ -262,6 +264,151 @@ def test_output_noise_falls_back_where_the_law_is_not_iid_per_row(rng):
         assert r.fast_sources == ()
 
 
+# ------------------------------------------------------------------ the uniform draws
+@pytest.mark.parametrize("rounding,dtype", [("nearest", np.float32), ("floor", np.float64)])
+def test_noise_mode_weight_errors_are_uniform(rounding, dtype, rng):
+    # x = identity: the output of sample s is W_s itself, so its error is ΔW, which must be
+    # uniform on [-s/2, s/2] (nearest) or [-s, 0] (floor) per element: Kolmogorov-Smirnov
+    # distance of the pooled, standardised errors, and the per-element mean and spread
+    net, _, W, s = _single_linear(rng, 24, 6, 7)
+    cfg = ep.QuantConfig(weights=ep.Uniform(7, granularity="channel", rounding=rounding))
+    S = 3000
+    r = monte_carlo(net, np.eye(24), cfg, S, seed=17, dtype=dtype)
+    e = r.errors.astype(np.float64).reshape(S, -1) / s  # (S, 24·6) in units of the step
+    u = np.sort((e + (0.5 if rounding == "nearest" else 1.0)).ravel())
+    assert u.min() > 0 and u.max() < 1
+    ks = np.max(np.abs(u - (np.arange(u.size) + 0.5) / u.size))
+    assert ks < 1.63 / np.sqrt(S) / 2  # the 1% critical value is 1.63/√n, n = S·144 here
+    mean = -0.5 if rounding == "floor" else 0.0
+    assert np.all(np.abs(e.mean(axis=0) - mean) < K * np.sqrt(1 / 12 / S))
+    assert np.all(np.abs(e.std(axis=0) / np.sqrt(1 / 12) - 1) < K * np.sqrt(0.8 / (4 * S)))
+
+
+def test_parallel_draws_and_statistics_match_serial(monkeypatch):
+    # large enough for the thread pool (≥ 2^18 draws or statistics elements per chunk);
+    # the parts are separate streams, so threads change nothing, bitwise
+    net = ep.mlp([96, 640, 8], "tanh", seed=18)
+    x = np.random.default_rng(18).standard_normal((64, 96))
+    cfg = ep.QuantConfig(weights=ep.Uniform(8, granularity="channel"),
+                         activations=ep.Uniform(8))
+    if _sampling._threads() is None:  # one CPU: force a pool to exercise the threaded path
+        pool = ThreadPoolExecutor(2)
+        monkeypatch.setattr(_sampling, "_threads", lambda: pool)
+        monkeypatch.setattr(_mc_passes, "_threads", lambda: pool)
+    threaded = monte_carlo(net, x, cfg, 12, chunk_size=6, dtype=np.float32, seed=19)
+    monkeypatch.setattr(_sampling, "_threads", lambda: None)
+    monkeypatch.setattr(_mc_passes, "_threads", lambda: None)
+    serial = monte_carlo(net, x, cfg, 12, chunk_size=6, dtype=np.float32, seed=19)
+    np.testing.assert_array_equal(threaded.errors, serial.errors)
+    for name, node in serial.nodes.items():
+        np.testing.assert_array_equal(threaded.nodes[name].mse_samples, node.mse_samples)
+        np.testing.assert_array_equal(threaded.nodes[name].mean, node.mean)
+        np.testing.assert_array_equal(threaded.nodes[name].quantiles[0.5], node.quantiles[0.5])
+
+
+@pytest.mark.parametrize("percentile", [100.0, 95.0, 30.0])
+def test_clipping_mask_matches_the_error_model(percentile, rng):
+    # the sampler evaluates the error model only outside the range; it must agree with
+    # the full model everywhere (values on, within an ulp of, and beyond the range's end)
+    W = rng.standard_normal((7, 50))
+    W[0, :3] = [np.max(np.abs(W)), -np.max(np.abs(W)), 0.0]
+    for rounding in ("nearest", "floor", "stochastic"):
+        q = ep.Uniform(5, granularity="channel", clip="percentile", percentile=percentile,
+                       rounding=rounding)
+        grid = q.fit(W, channel_axis=0, what="W")
+        W2 = W.copy()
+        W2[1, 0] = np.nextafter(np.broadcast_to(grid.hi, W.shape)[1, 0], np.inf)
+        model = grid.error_model(W2)
+        clipped, mean = _sampling._clipping(grid, W2)
+        np.testing.assert_array_equal(clipped, model.clipped)
+        np.testing.assert_array_equal(mean[clipped], model.mean[clipped])
+
+
+# ------------------------------------------------------------------ per-node quantiles
+def test_node_quantiles_match_a_brute_force_run(rng):
+    # An independent brute-force sampler written here (its own generator): weight errors
+    # uniform on [-s/2, s/2] per row, run through the network, np.quantile per element at
+    # every node. Distribution-free comparison: the reference's empirical CDF at
+    # errprop's quantile q̂ must be q within K·√(q(1-q)(1/S + 1/S_ref)) (+1/S_ref for ties).
+    bits, qmax = 6, 31
+    W1 = rng.standard_normal((5, 6))
+    W2 = rng.standard_normal((3, 5))
+    b1 = rng.standard_normal(5)
+    for W in (W1, W2):  # every row's max |W| exactly on the grid: step 2^-4 per row
+        W *= qmax * 2.0 ** -4 / np.max(np.abs(W), axis=1, keepdims=True)
+        top = np.argmax(np.abs(W), axis=1)
+        W[np.arange(len(W)), top] = np.sign(W[np.arange(len(W)), top]) * qmax * 2.0 ** -4
+    s = 2.0 ** -4
+    x = rng.standard_normal((4, 6))
+    net = ep.Sequential([ep.Linear(W1, b1), ep.Activation("tanh"), ep.Linear(W2)])
+    cfg = ep.QuantConfig(weights=ep.Uniform(bits, granularity="channel"))
+    qs = (0.02, 0.3, 0.5, 0.9, 0.995)
+    S = 4000
+    r = monte_carlo(net, x, cfg, S, seed=20, quantiles=qs, chunk_size=300)
+
+    S_ref = 40000
+    g = np.random.default_rng(12345)
+    dW1 = g.uniform(-s / 2, s / 2, (S_ref, 5, 6))
+    dW2 = g.uniform(-s / 2, s / 2, (S_ref, 3, 5))
+    h = x @ W1.T + b1
+    h_s = np.einsum("bi,sji->sbj", x, W1 + dW1) + b1
+    a, a_s = np.tanh(h), np.tanh(h_s)
+    out_s = np.einsum("sbi,sji->sbj", a_s, W2 + dW2)
+    ref = {"fc1": h_s - h, "tanh1": a_s - a, "fc2": out_s - a @ W2.T}
+    assert list(r.nodes) == list(ref)
+    for name, e_ref in ref.items():
+        node = r.node(name)
+        assert node.quantile_samples == S
+        for q in qs:
+            q_hat = node.quantiles[q]
+            assert q_hat.shape == e_ref.shape[1:]
+            cdf = np.mean(e_ref <= q_hat, axis=0)
+            tol = K * np.sqrt(q * (1 - q) * (1 / S + 1 / S_ref)) + 1 / S_ref
+            assert np.all(np.abs(cdf - q) < tol), (name, q, np.max(np.abs(cdf - q)), tol)
+    np.testing.assert_array_equal(r.node("fc2").quantiles[0.5], r.quantiles[0.5])
+
+
+def test_node_quantiles_keep_the_first_samples_that_fit():
+    net = ep.mlp([8, 16, 16, 4], "tanh", seed=22)
+    x = np.random.default_rng(22).standard_normal((10, 8))
+    cfg = ep.QuantConfig(weights=ep.Uniform(6), activations=ep.Uniform(6))
+    S, K_ = 40, 11
+    out_bytes = S * 10 * 4 * 8  # the output keeps every sample (float64)
+    hidden = 4 * 10 * 16 * 8  # fc1, tanh1, fc2, tanh2 per sample
+    limit = out_bytes + 2 * (K_ * hidden + hidden // 2)
+    r = monte_carlo(net, x, cfg, S, seed=23, memory_limit=limit, chunk_size=3)
+    small = monte_carlo(net, x, cfg, K_, seed=23)  # the same first K samples
+    assert r.node("fc3").quantile_samples == S
+    for name in ("fc1", "tanh1", "fc2", "tanh2"):
+        assert r.node(name).quantile_samples == K_ and small.node(name).quantile_samples == K_
+        for q in r.quantiles:
+            np.testing.assert_array_equal(r.node(name).quantiles[q], small.node(name).quantiles[q])
+    # the moments still use every sample
+    full = monte_carlo(net, x, cfg, S, seed=23)
+    np.testing.assert_array_equal(r.node("fc1").mse_samples, full.node("fc1").mse_samples)
+    tiny = monte_carlo(net, x, cfg, S, seed=23, memory_limit=out_bytes + hidden, chunk_size=3)
+    assert tiny.node("fc1").quantile_samples == 0 and tiny.node("fc1").quantiles == {}
+    assert tiny.node("fc3").quantile_samples == S
+
+
+def test_nodes_selects_what_is_recorded():
+    net, x, cfg = _mixed_transformer()
+    full = monte_carlo(net, x, cfg, 20, seed=24, chunk_size=6)
+    last = net.nodes()[-1].name
+    some = monte_carlo(net, x, cfg, 20, seed=24, chunk_size=6, nodes=["block0.res1"])
+    only = monte_carlo(net, x, cfg, 20, seed=24, chunk_size=6, nodes=())
+    assert list(some.nodes) == ["block0.res1", last] and list(only.nodes) == [last]
+    for r in (some, only):  # the same samples, the same statistics
+        np.testing.assert_array_equal(r.errors, full.errors)
+        for name, node in r.nodes.items():
+            np.testing.assert_array_equal(node.mse_samples, full.nodes[name].mse_samples)
+            np.testing.assert_allclose(node.std, full.nodes[name].std, rtol=1e-12)
+    with pytest.raises(ValueError, match="did you mean .block0.attn."):
+        monte_carlo(net, x, cfg, 4, nodes=["block0.attm"])
+    with pytest.raises(ValueError, match="nodes must be 'all'"):
+        monte_carlo(net, x, cfg, 4, nodes="fc1")
+
+
 # ------------------------------------------------------------------ engine properties
 def _mixed_transformer():
     net = ep.transformer(16, 2, 32, 1, seed=0)
@@ -291,6 +438,10 @@ def test_results_do_not_depend_on_chunk_size(mode, weight_noise, dtype):
         np.testing.assert_array_equal(r.mse_samples, ref.mse_samples)
         for q in ref.quantiles:
             np.testing.assert_array_equal(r.quantiles[q], ref.quantiles[q])
+        for name, node in ref.nodes.items():
+            assert r.nodes[name].quantile_samples == S
+            for q in ref.quantiles:  # kept samples: bitwise
+                np.testing.assert_array_equal(r.nodes[name].quantiles[q], node.quantiles[q])
         for name, node in ref.nodes.items():  # sums over chunks: summation order only
             np.testing.assert_allclose(r.nodes[name].mean, node.mean, rtol=1e-12,
                                        atol=1e-12 * np.max(np.abs(node.mean)))
