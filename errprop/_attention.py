@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ._activation import saturated_rows, softmax_abs
-from ._linear import _matmul_t, affine_norm, affine_tangent
+from ._linear import _flat_matmul, _matmul_t, affine_norm, affine_tangent
 from ._op import (Array, Op, Rule, align_sampled, as_param, check_mask, check_mask_batch,
                   per_sample_outer, per_sample_sum)
 
@@ -222,7 +222,7 @@ class Attention(Op):
         P = self.params
         scale = 1.0 / math.sqrt(self.head_dim)
         gparams = {}
-        go = g @ P["Wo"]
+        go = _flat_matmul(g, P["Wo"])
         gO = self._split(go)
         gA = gO @ np.swapaxes(v, -1, -2)
         gv = np.swapaxes(A, -1, -2) @ gO
@@ -230,7 +230,7 @@ class Attention(Op):
         gq = gS @ k
         gk = np.swapaxes(gS, -1, -2) @ q
         branches = {"q": self._merge(gq), "k": self._merge(gk), "v": self._merge(gv)}
-        gx = sum(branches[c] @ P[f"W{c}"] for c in "qkv")
+        gx = sum(_flat_matmul(branches[c], P[f"W{c}"]) for c in "qkv")
         for c, gc in (*branches.items(), ("o", g)):
             inp = o if c == "o" else x
             if f"W{c}" in params:

@@ -78,23 +78,25 @@ class Embedding(Op):
         return f"Embedding {self.name!r}" if self.name else "Embedding"
 
     def _ids(self, x: Array) -> Array:
+        """Validated integer ids ``(batch, tokens)``, or ``(S, batch, tokens)`` when a pass
+        runs samples side by side (the ids are then the same in every sample)."""
         ids = np.asarray(x)
         vocab = self.params["word"].shape[0]
-        if ids.ndim != 2:
+        if ids.ndim not in (2, 3):
             raise ValueError(f"{self._label()}: expects token ids of shape (batch, tokens), "
                              f"got {ids.shape}")
         as_int = np.rint(ids)
         if not np.array_equal(as_int, ids) or ids.min() < 0 or ids.max() >= vocab:
             raise ValueError(f"{self._label()}: token ids must be integers in [0, {vocab}), "
                              f"got values in [{ids.min()}, {ids.max()}]")
-        tokens = ids.shape[1]
+        tokens = ids.shape[-1]
         if "position" in self.params and tokens > self.params["position"].shape[0]:
             raise ValueError(f"{self._label()}: {tokens} tokens, but the position table has "
                              f"{self.params['position'].shape[0]} rows")
         if self.pad_id is not None:
             real = as_int != self.pad_id
-            expected = np.ones_like(real) if self.mask is None else self.mask
-            if real.shape != expected.shape or not np.array_equal(real, expected):
+            expected = np.ones(ids.shape[-2:], bool) if self.mask is None else self.mask
+            if real.shape[-2:] != expected.shape or not np.all(real == expected):
                 raise ValueError(
                     f"{self._label()}: the ids hold padding (id {self.pad_id}) where the "
                     f"padding mask does not say so; attention would see the padded tokens. "
@@ -103,18 +105,25 @@ class Embedding(Op):
 
     @staticmethod
     def _lookup(ids: Array, word: Array | None, position: Array | None,
-                token_type: Array | None, shape: tuple[int, ...]) -> Array:
+                token_type: Array | None, d: int) -> Array:
         """The lookup in (possibly sampled or tangent) tables; a None table adds nothing.
 
-        A table with one more axis than its base (``(S, rows, d)``) yields
-        ``(S, batch, tokens, d)``.
+        A table with one more axis than its base (``(S, rows, d)``) pairs its leading axis
+        with that of ids ``(S, batch, tokens)``, or, for ids ``(batch, tokens)``, adds it:
+        either way the result is ``(S, batch, tokens, d)``.
         """
         lead = next((t.shape[0] for t in (word, position, token_type)
                      if t is not None and t.ndim == 3), None)
-        out = np.zeros(shape if lead is None else (lead, *shape))
-        tokens = shape[1]
+        shape = (*ids.shape, d)
+        if lead is not None and ids.ndim == 2:
+            shape = (lead, *shape)
+        out = np.zeros(shape)
+        tokens = ids.shape[-1]
         if word is not None:
-            out += word[:, ids] if word.ndim == 3 else word[ids]
+            if word.ndim == 3:
+                out += word[np.arange(lead)[:, None, None], ids]
+            else:
+                out += word[ids]
         if position is not None:
             out += position[:, None, :tokens] if position.ndim == 3 else position[:tokens]
         if token_type is not None:
@@ -128,14 +137,13 @@ class Embedding(Op):
     def forward(self, x: Array, params: Mapping[str, Array] | None = None) -> Array:
         ids = self._ids(x)
         merged = dict(self.params) if params is None else {**self.params, **params}
-        return self._lookup(ids, *self._tables(merged),
-                            (*ids.shape, self.params["word"].shape[1]))
+        return self._lookup(ids, *self._tables(merged), self.params["word"].shape[1])
 
     def jvp(self, x, y, dx, dparams):
         ids = self._ids(x)
-        out = self._lookup(ids, *self._tables(dparams), y.shape)
+        out = self._lookup(ids, *self._tables(dparams), y.shape[-1])
         lead = () if dx is None else dx.shape[:dx.ndim - x.ndim]
-        if lead and out.shape != (*lead, *y.shape):
+        if out.shape != (*lead, *y.shape) and out.ndim <= len(lead) + y.ndim:
             out = np.broadcast_to(out, (*lead, *y.shape)).copy()
         return out
 
@@ -161,7 +169,7 @@ class Embedding(Op):
             if table is not None:
                 out += sample_norm(self._lookup(ids, *(table if k == key else None for k in
                                                        ("word", "position", "token_type")),
-                                                y.shape))
+                                                y.shape[-1]))
         return out
 
     def describe(self) -> str:

@@ -10,6 +10,15 @@ from ._op import (Array, Op, align_sampled, as_param, per_sample_outer, per_samp
                   sample_norm)
 
 
+def _flat_matmul(a: Array, Wt: Array) -> Array:
+    """``a @ Wt`` for ``a: (..., in)`` and a 2-D ``Wt: (in, out)`` as ONE GEMM: NumPy's
+    matmul of a stack loops over the leading axes with one small GEMM each (tokens rows),
+    several times slower for (sources, batch, tokens, in) tangents."""
+    if a.ndim <= 2:
+        return a @ Wt
+    return (a.reshape(-1, a.shape[-1]) @ Wt).reshape(*a.shape[:-1], Wt.shape[1])
+
+
 def _matmul_t(x: Array, W: Array) -> Array:
     """``x @ W.T`` for ``x: (..., in)`` and ``W: (out, in)`` or ``(S, out, in)``.
 
@@ -17,7 +26,7 @@ def _matmul_t(x: Array, W: Array) -> Array:
     ``x`` (Monte Carlo draws one weight per sample).
     """
     if W.ndim == 2:
-        return x @ W.T
+        return _flat_matmul(x, W.T)
     if x.shape[0] == W.shape[0]:
         # one (rows, in) @ (in, out) product per sample, rows = batch · tokens
         flat = x.reshape(x.shape[0], -1, x.shape[-1]) @ np.swapaxes(W, -1, -2)
@@ -35,7 +44,7 @@ def affine_tangent(x: Array, W: Array, dx: Array | None, dW: Array | None,
     may carry one leading direction axis ``P`` (random probes of the parameters).
     """
     lead: tuple[int, ...] = () if dx is None else dx.shape[: dx.ndim - x.ndim]
-    t = None if dx is None else dx @ W.T
+    t = None if dx is None else _flat_matmul(dx, W.T)
     if dW is not None:
         if dW.ndim == 3:
             # one GEMM for all probes: x (..., in) @ (in, P·out)
@@ -44,7 +53,7 @@ def affine_tangent(x: Array, W: Array, dx: Array | None, dW: Array | None,
             xw = (x.reshape(-1, n_in) @ dW.reshape(P * n_out, n_in).T)
             xw = np.moveaxis(xw.reshape(*x.shape[:-1], P, n_out), -2, 0)
         else:
-            xw = x @ dW.T
+            xw = _flat_matmul(x, dW.T)
         t = xw if t is None else t + xw
     if db is not None:
         if db.ndim == 2:
@@ -144,7 +153,7 @@ class Linear(Op):
             gparams["W"] = per_sample_outer(g, x)
         if "b" in params:
             gparams["b"] = per_sample_sum(g, x.ndim)
-        return g @ self.params["W"], gparams
+        return _flat_matmul(g, self.params["W"]), gparams
 
     def describe(self) -> str:
         out, inp = self.params["W"].shape

@@ -319,19 +319,38 @@ class Report:
                          "pointwise, agreement")
         return "\n".join(lines + notes)
 
-    def source_table(self) -> str:
-        """Per-source table: the tensor's own SQNR, its max/RMS ratio, and its share of the
-        output error (first-order contribution energy ``‖c_s‖² / Σ‖c‖²``), so a layer
-        wrecked by outliers under a per-tensor grid stands out."""
+    def source_rows(self) -> list[dict[str, Any]]:
+        """One record per source, largest output share first: name, kind, quantizer, the
+        tensor's own SQNR (dB), its max/RMS ratio, its share of the output error
+        (first-order contribution energy ``‖c_s‖² / Σ‖c‖²``) and the output SQNR it would
+        leave alone (dB)."""
         energy = {k: float(np.sum(np.square(c))) for k, c in self.contributions.items()}
         total = sum(energy.values()) or 1.0
+        rows = [{"source": s.name, "kind": s.kind, "quantizer": repr(s.source.quantizer),
+                 "tensor_sqnr_db": s.sqnr_db, "max_to_rms": s.max_to_rms,
+                 "output_share": energy.get(s.name, 0.0) / total,
+                 "output_sqnr_db_alone": sqnr_db(self.output,
+                                                 self.contributions.get(s.name, 0.0))}
+                for s in self.sources.values()]
+        return sorted(rows, key=lambda r: -r["output_share"])
+
+    def node_rows(self) -> list[dict[str, Any]]:
+        """One record per node: RMS of the value, of the exact and first-order error, the
+        first-order residual, the SQNR (dB) and the largest source there."""
+        return [{"node": n.name, "kind": n.kind, "rms_value": _rms(n.value),
+                 "rms_exact": n.rms_exact, "rms_first_order": n.rms_first_order,
+                 "residual": n.residual, "sqnr_db": n.sqnr_db,
+                 "top_source": max(n.source_rms, key=n.source_rms.get) if n.source_rms
+                 else None} for n in self.nodes.values()]
+
+    def source_table(self) -> str:
+        """:meth:`source_rows` as text, so a layer wrecked by outliers under a per-tensor
+        grid stands out (low tensor SQNR, large max/RMS, large output share)."""
         head = ("source", "kind", "quantizer", "tensor SQNR dB", "max/rms", "output share",
                 "output SQNR dB alone")
-        rows = [(s.name, s.kind, repr(s.source.quantizer), _fmt(s.sqnr_db, ".1f"),
-                 _fmt(s.max_to_rms, ".1f"), f"{100 * energy.get(s.name, 0.0) / total:.1f}%",
-                 _fmt(sqnr_db(self.output, self.contributions.get(s.name, 0.0)), ".1f"))
-                for s in self.sources.values()]
-        rows.sort(key=lambda r: -float(r[5][:-1]))
+        rows = [(r["source"], r["kind"], r["quantizer"], _fmt(r["tensor_sqnr_db"], ".1f"),
+                 _fmt(r["max_to_rms"], ".1f"), f"{100 * r['output_share']:.1f}%",
+                 _fmt(r["output_sqnr_db_alone"], ".1f")) for r in self.source_rows()]
         widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w)
                            for i, (c, w) in enumerate(zip(row, widths)))

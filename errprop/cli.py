@@ -1,4 +1,4 @@
-"""Command-line interface: ``errprop demo`` (more commands arrive with later features)."""
+"""Command-line interface: ``errprop demo``, ``errprop analyze MODEL``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from typing import NoReturn
 
 import numpy as np
 
+from . import _cli_analyze
 from ._analysis import analyze
 from ._builders import mlp, transformer
 from ._config import QuantConfig
@@ -61,8 +63,15 @@ def _bits(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad command lines get one line on stderr (and the pointer to --help), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="errprop",
         description="Simulate how quantization error enters a neural network and propagates "
                     "through its layers: exact (fake-quant) and first-order, per node and source.")
@@ -81,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0,
                       help="seed for the models, the inputs and stochastic rounding (default 0)")
     demo.set_defaults(func=_demo)
+    _cli_analyze.add_parser(sub, _bits)
     return parser
 
 
@@ -92,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ImportError, OSError) as exc:
         print(f"errprop: error: {exc}", file=sys.stderr)
         return 2
 

