@@ -47,6 +47,8 @@ _BLOCK = 64
 _PARTS = 4
 #: below this many draws per call, threads cost more than they save
 _THREAD_MIN = 1 << 18
+#: from this many elements per sample and part, a part is formed one sample at a time
+_SAMPLE_MIN = 1 << 15
 
 _pool: ThreadPoolExecutor | None = None
 
@@ -141,11 +143,18 @@ class _UniformNoise:
 
         def part(p: int, lo: int, hi: int) -> None:
             n = (hi - lo) * int(np.prod(self.shape[1:], dtype=np.int64))
-            raw = streams.words(self.key, p, start, count, -(-n * bits // 64))
-            k = raw.view(np.uint16 if bits == 16 else np.uint32)[:, :n]
-            dst = out[:, lo:hi]
-            np.multiply(k.reshape(dst.shape), _rows(self.c, lo, hi, rows), out=dst)
-            np.add(dst, _rows(self.base, lo, hi, rows), out=dst)
+            words = -(-n * bits // 64)
+            c, base = _rows(self.c, lo, hi, rows), _rows(self.base, lo, hi, rows)
+            # a large part goes one sample at a time, so that its integers and values
+            # stay in cache between the passes; the stream is read in the same order
+            step = 1 if n >= _SAMPLE_MIN else count
+            for j in range(0, count, step):
+                raw = streams.words(self.key, p, start + j, step, words)
+                k = raw.view(np.uint16 if bits == 16 else np.uint32)[:, :n]
+                dst = out[j:j + step, lo:hi]
+                np.copyto(dst, k.reshape(dst.shape))  # exact: b-bit integers in floats
+                np.multiply(dst, c, out=dst)
+                np.add(dst, base, out=dst)
 
         pool = _threads() if out.size >= _THREAD_MIN else None
         if pool is None:
@@ -172,7 +181,10 @@ def _uniform_noise(key: int, shape: tuple[int, ...], scale: Array, rounding: str
     base = s * (2.0 ** -(bits + 1) + low)
     if value is not None:
         base = value + base
-    return _UniformNoise(key, shape, (s * 2.0 ** -bits).astype(dtype), base.astype(dtype))
+    c = s * 2.0 ** -bits
+    if c.shape[-1] == 1 and shape[-1] > 1:  # one step per row: multiplying a full array
+        c = np.broadcast_to(c, shape)      # is faster than broadcasting along the rows
+    return _UniformNoise(key, shape, c.astype(dtype), base.astype(dtype))
 
 
 # ---------------------------------------------------------------- one source
