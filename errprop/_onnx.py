@@ -16,7 +16,8 @@ import numpy as np
 
 from ._graph import Sequential
 from ._onnx_build import Builder
-from ._onnx_trace import UNKNOWN, SNode, Tracer, Unsupported, View
+from ._onnx_graph import UNKNOWN, SNode, Unsupported, View
+from ._onnx_trace import Tracer
 
 _DEFAULT_DIMS = (2, 3, 4, 5)
 

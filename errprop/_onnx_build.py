@@ -29,7 +29,7 @@ from ._attention import Attention
 from ._graph import Residual
 from ._linear import Linear
 from ._norm import LayerNorm, RMSNorm
-from ._onnx_trace import SNode, Unsupported
+from ._onnx_graph import SNode, Unsupported
 
 _EW = {
     "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,

@@ -20,81 +20,12 @@ Everything that depends only on constants is folded.
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from ._activation import Softmax
 from ._norm import LayerNorm, RMSNorm
-
-_ids = itertools.count()
-
-
-class Unsupported(Exception):
-    """A node that the importer cannot express in errprop's graph (message: the reason)."""
-
-
-@dataclass(eq=False)
-class SNode:
-    """A semantic tensor in canonical layout ``shape``: the network input, a linear
-    layer, an elementwise op, a reduction, a known op, an attention core or a join."""
-
-    kind: str
-    shape: tuple[int, ...]
-    srcs: list[SNode]
-    onnx: list[str]
-    data: dict = field(default_factory=dict)
-    roots: frozenset = frozenset()
-    id: int = field(default_factory=lambda: next(_ids))
-
-    def __post_init__(self) -> None:
-        if not self.roots:
-            self.roots = frozenset({self.id})
-
-
-@dataclass(eq=False)
-class View:
-    """An ONNX tensor equal to ``scale * node.flat[idx]``; ``rowwise``: ``idx`` (last axis
-    1) points at rows of ``node`` whose entries are all equal (a mean over features)."""
-
-    node: SNode
-    idx: np.ndarray
-    scale: float = 1.0
-    rowwise: bool = False
-
-
-@dataclass(eq=False)
-class Heads:
-    """A view decoded as per-head slices ``(*lead, tokens, head_dim)`` of a node's features."""
-
-    node: SNode
-    start: int
-    hd: int
-    H: int
-    b: np.ndarray
-    h: np.ndarray
-    lead: tuple[int, ...]
-    T: int
-
-
-@dataclass(eq=False)
-class Scores:
-    """Attention logits ``scale · q kᵀ`` (+ causal mask); ``probs`` after Softmax."""
-
-    q: Heads
-    k: Heads
-    scale: float
-    onnx: list[str]
-    causal: bool = False
-    probs: bool = False
-
-
-class _Unknown:
-    """Output of an unsupported node: downstream nodes are not reported again."""
-
-
-UNKNOWN = _Unknown()
+from ._onnx_graph import (UNKNOWN, Scores, SNode, Unsupported, View, canonical_const,
+                          check_pair, decode_heads, feature_rows, is_full)
 
 LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Gather", "Slice",
               "Split", "Expand", "Identity", "Dropout", "Cast", "Tile"}
@@ -129,28 +60,6 @@ def attrs_of(node) -> dict:
         v = helper.get_attribute_value(a)
         out[a.name] = v.decode() if isinstance(v, bytes) else v
     return out
-
-
-def _full(view: View) -> bool:
-    n = int(np.prod(view.node.shape))
-    if view.rowwise:
-        D = view.node.shape[-1]
-        rows = view.idx.ravel()
-        return bool(np.all(rows % D == 0)) and rows.size * D == n and \
-            np.array_equal(np.sort(rows // D), np.arange(n // D))
-    return view.idx.size == n and np.array_equal(np.sort(view.idx.ravel()), np.arange(n))
-
-
-def feature_rows(view: View) -> np.ndarray:
-    """Row numbers of ``view.node`` when the view's last axis is a whole feature row."""
-    D = view.node.shape[-1]
-    if view.rowwise or view.idx.ndim == 0 or view.idx.shape[-1] != D:
-        raise Unsupported(f"the last axis (size {view.idx.shape[-1:] or '()'}) is not the "
-                          f"feature axis of size {D}")
-    rows = view.idx.reshape(-1, D)
-    if not (np.all(rows[:, :1] % D == 0) and np.array_equal(rows, rows[:, :1] + np.arange(D))):
-        raise Unsupported("the last axis is not the feature axis (a transposed or mixed layout)")
-    return (rows[:, 0] // D).reshape(view.idx.shape[:-1])
 
 
 class Tracer:
@@ -355,7 +264,7 @@ class Tracer:
             raise Unsupported("only a mean over the feature (last) axis with keepdims=1 is "
                               "supported (decomposed LayerNorm)")
         feature_rows(v)
-        if not _full(v):
+        if not is_full(v):
             raise Unsupported("mean over part of a tensor")
         y = SNode("reduce", v.node.shape, [v.node], [node.name], {"scale": v.scale},
                   roots=v.node.roots if v.node.kind in ("ew", "reduce") else
@@ -371,12 +280,12 @@ class Tracer:
             return self._on_scores(node, op, ins, streams, consts)
         views = [ins[i] for i in streams]
         if op in ("Mul", "Div") and len(streams) == 1 and scalar and \
-                (op == "Mul" or streams[0] == 0) and not _full(views[0]):
+                (op == "Mul" or streams[0] == 0) and not is_full(views[0]):
             c = float(ins[consts[0]].ravel()[0])
             v = views[0]
             return View(v.node, v.idx, v.scale * (c if op == "Mul" else 1.0 / c), v.rowwise)
         for v in views:
-            if not _full(v):
+            if not is_full(v):
                 raise Unsupported("elementwise op on part of a tensor (a slice of features "
                                   "or tokens) has no errprop layer")
         normal = [v for v in views if not v.rowwise]
@@ -399,7 +308,7 @@ class Tracer:
             elif isinstance(v, View):
                 args.append(("s", streams.index(i), v.scale))
             else:
-                args.append(("c", _canonical_const(v, ref)))
+                args.append(("c", canonical_const(v, ref)))
         nodes = [v.node for v in views]
         if op == "Add" and len(views) == 2 and not any(v.rowwise for v in views) and \
                 nodes[0].roots != nodes[1].roots and all(v.scale == 1.0 for v in views):
@@ -427,50 +336,3 @@ class Tracer:
                 return Scores(s.q, s.k, s.scale, s.onnx + [node.name], True)
             raise Unsupported("an additive attention mask other than a causal one")
         raise Unsupported(f"{op} on attention scores")
-
-
-def _canonical_const(c: np.ndarray, ref: View) -> np.ndarray:
-    """A constant operand broadcast to the reference view, laid out like its node."""
-    out = np.zeros(ref.node.shape)
-    if ref.rowwise:
-        D = ref.node.shape[-1]
-        rows = out.reshape(-1, D)
-        rows[ref.idx.ravel() // D] = np.broadcast_to(c, ref.idx.shape).reshape(-1, 1)
-        return out
-    out.flat[ref.idx.ravel()] = np.broadcast_to(c, ref.idx.shape).ravel()
-    return out
-
-
-def decode_heads(view: View, features_last: bool) -> Heads:
-    """Read a view ``(*lead, tokens, head_dim)`` (or ``(*lead, head_dim, tokens)``) as one
-    head of one batch element per leading index, each a contiguous feature block."""
-    if view.rowwise or len(view.node.shape) != 3:
-        raise Unsupported("attention operands must come from (batch, tokens, features) tensors")
-    idx = view.idx if features_last else np.swapaxes(view.idx, -1, -2)
-    B, T, F = view.node.shape
-    if idx.ndim < 2 or idx.shape[-2] != T:
-        raise Unsupported(f"attention runs over an axis of size {idx.shape[-2:]} that is not "
-                          f"the token axis ({T} tokens; export with batch_first=True)")
-    c = idx.shape[-1]
-    flat = idx.reshape(-1, T, c)
-    b, t, f = np.unravel_index(flat, (B, T, F))
-    ok = (np.all(b == b[:, :1, :1]) and np.all(t == np.arange(T)[None, :, None])
-          and np.all(f == f[:, :1, :1] + np.arange(c)))
-    if not ok:
-        raise Unsupported("the attention operands are not (batch, head)-slices of a "
-                          "(batch, tokens, features) tensor")
-    off = f[:, 0, 0]
-    start = int(off.min())
-    h = (off - start) // c
-    H = int(h.max()) + 1
-    pairs = set(zip(b[:, 0, 0].tolist(), h.tolist()))
-    if np.any((off - start) % c) or len(pairs) != len(off) or len(off) != B * H:
-        raise Unsupported("heads are not contiguous, equal feature blocks covering every "
-                          "batch element once")
-    return Heads(view.node, start, c, H, b[:, 0, 0], h, idx.shape[:-2], T)
-
-
-def check_pair(q: Heads, other: Heads, what: str) -> None:
-    if q.lead != other.lead or q.H != other.H or not (np.array_equal(q.b, other.b)
-                                                      and np.array_equal(q.h, other.h)):
-        raise Unsupported(f"queries and {what} are split into heads differently")
