@@ -214,7 +214,8 @@ class Uniform(Quantizer):
           ``torch.fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine``
           do (``round(float32(x) · float32(1/scale))`` in float32, output rounded to
           float32). Use it with ``restricted_range=False`` for PyTorch's default symmetric
-          ``qint8`` range ``[-128, 127]`` (``quant_min=-127`` keeps errprop's default).
+          ``qint8`` range ``[-128, 127]``; errprop's default ``restricted_range=True`` is
+          an observer with ``quant_min=-127, quant_max=127``. See docs/real-models-torch.md.
           The error model widens ``max_abs`` by ``2^-20·|x|`` for the float32 roundings.
 
     Examples

@@ -93,7 +93,7 @@ def from_torch(module: Any) -> Sequential:
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"from_torch expects a torch.nn.Module, a TorchScript module or a "
                         f"path to a .pt file, got {type(module).__name__}")
-    conv = _Converter(torch, rank=3 if _has_attention(module) else 2)
+    conv = _Converter(torch, rank=3 if _has_attention(torch, module) else 2)
     layers = conv.convert_root(module)
     if conv.problems:
         lines = "\n".join(f"  {path or '<root>'} ({kind}): {why}"
@@ -155,9 +155,8 @@ def _kind(torch: Any, m: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _has_attention(module: Any) -> bool:
+def _has_attention(torch: Any, module: Any) -> bool:
     names = {"MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder"}
-    torch = import_torch()
     return any(_kind(torch, m) in names for m in module.modules())
 
 

@@ -226,7 +226,7 @@ def test_exact_weight_error_equals_torch_fake_quant_model(name, granularity, see
     # float32 torch: the same error up to float32 roundoff of the two forwards
     torch_err32 = _out(torch, quantized, x) - _out(torch, module, x)
     rel = np.linalg.norm(report.exact - torch_err32) / np.linalg.norm(torch_err32)
-    assert rel < 1e-2
+    assert rel < 1e-3  # measured 4e-5 .. 9e-5
 
 
 def _quantize_inputs(torch, module, scales):
