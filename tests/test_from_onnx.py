@@ -339,3 +339,20 @@ def test_docs_python_blocks_run(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the torch exporter's own deprecation warnings
         exec(compile("\n".join(blocks), str(doc), "exec"), {})  # noqa: S102
+
+
+def test_transposed_operands(rng):
+    """Gemm with transA=1 on a transposed input, and a weight on the left (W @ xᵀ)ᵀ."""
+    inits = {"W": rng.normal(size=(4, 6)), "W2": rng.normal(size=(5, 6)), "b": rng.normal(size=5)}
+    N = helper.make_node
+    nodes = [N("Transpose", ["x"], ["xt"], perm=[1, 0], name="t0"),
+             N("Gemm", ["xt", "W"], ["h"], transA=1, name="gemm_transA"),
+             N("Transpose", ["h"], ["ht"], perm=[1, 0], name="t1"),
+             N("MatMul", ["W2", "ht"], ["z"], name="weight_left"),
+             N("Transpose", ["z"], ["zt"], perm=[1, 0], name="t2"),
+             N("Add", ["zt", "b"], ["y"], name="bias")]
+    model = _model(nodes, inits, [3, 4], "y", out_shape=[3, 5])
+    net = ep.from_onnx(model)
+    assert [type(op).__name__ for _, op in net.layers()] == ["Linear", "Linear"]
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    assert _rel_err(net(x.astype(np.float64)), _ort(model, x)) < 1e-5
