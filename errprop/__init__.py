@@ -25,6 +25,8 @@ from ._quant import ErrorModel, Quantizer, Uniform, UniformGrid
 from ._compare import Comparison, ComparisonRow
 from ._probes import NodeStatistics
 from ._report import NodeResult, Report, SourceResult, relative_residual, sqnr_db
+from ._sensitivity import (SensitivityResult, SensitivityRow, compare_blocks,
+                           sensitivity_network)
 from ._statistics import OutputStatistics
 from ._sklearn import from_sklearn
 from ._torch import from_torch
@@ -60,10 +62,13 @@ __all__ = [
     "Sequential",
     "Softmax",
     "Source",
+    "SensitivityResult",
+    "SensitivityRow",
     "SourceResult",
     "Uniform",
     "UniformGrid",
     "analyze",
+    "compare_blocks",
     "convergence",
     "from_onnx",
     "from_sklearn",
@@ -80,5 +85,6 @@ __all__ = [
     "mask_padding",
     "minilm_path",
     "save",
+    "sensitivity_network",
     "tokenize",
 ]
