@@ -10,6 +10,8 @@ from ._analysis import analyze
 from ._attention import Attention
 from ._builders import mlp, transformer, transformer_block
 from ._config import QuantConfig, Source
+from ._allocate import Allocation, allocate_bits, bits_for_share, plan_bits
+from ._budget import Budget, BudgetRow, budget
 from ._bert import encode, load_bert, minilm_path, tokenize
 from ._embedding import Embedding
 from ._io import load, mask_padding, save
@@ -25,8 +27,8 @@ from ._quant import ErrorModel, Quantizer, Uniform, UniformGrid
 from ._compare import Comparison, ComparisonRow
 from ._probes import NodeStatistics
 from ._report import NodeResult, Report, SourceResult, relative_residual, sqnr_db
-from ._sensitivity import (SensitivityResult, SensitivityRow, compare_blocks,
-                           sensitivity_network)
+from ._sensitivity import (NoiseGain, SensitivityResult, SensitivityRow, compare_blocks,
+                           noise_gain, sensitivity_network)
 from ._statistics import OutputStatistics
 from ._sklearn import from_sklearn
 from ._torch import from_torch
@@ -36,7 +38,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS",
     "Activation",
+    "Allocation",
     "Attention",
+    "Budget",
+    "BudgetRow",
     "Comparison",
     "ComparisonRow",
     "Convergence",
@@ -52,6 +57,7 @@ __all__ = [
     "NodeResult",
     "NodeStatistics",
     "NodeStats",
+    "NoiseGain",
     "Op",
     "OutputStatistics",
     "QuantConfig",
@@ -67,23 +73,28 @@ __all__ = [
     "SourceResult",
     "Uniform",
     "UniformGrid",
+    "allocate_bits",
     "analyze",
     "compare_blocks",
+    "bits_for_share",
     "convergence",
     "from_onnx",
     "from_sklearn",
     "from_torch",
     "mlp",
     "monte_carlo",
+    "noise_gain",
     "relative_residual",
     "sqnr_db",
     "transformer",
     "transformer_block",
+    "budget",
     "encode",
     "load",
     "load_bert",
     "mask_padding",
     "minilm_path",
+    "plan_bits",
     "save",
     "sensitivity_network",
     "tokenize",

@@ -25,6 +25,7 @@ from ._config import QuantConfig, Source
 from ._graph import Sequential, check_finite_node, check_input, walk
 from ._op import Array, Op
 from ._report import NodeResult, Report, SourceResult
+from ._budget import Budget, budget
 from ._passes import bound_pass, second_order_pass
 from ._probes import NodeStatistics, node_statistics
 from ._statistics import OutputStatistics, output_statistics
@@ -193,12 +194,16 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
     def norm_bound() -> dict[str, Array]:
         return bound_pass(net, forward, by_layer, ordered, "norm")
 
+    def error_budget(by: str, exact: bool) -> Budget:
+        return budget(net, x, report, by=by, exact=exact, seed=0 if seed is None else seed)
+
     passes = {"statistics": statistics, "probes": probes, "second_order": second_order,
-              "interval": interval, "norm_bound": norm_bound}
-    return Report(output=out.x, exact=out.xq - out.x, passes=passes,
-                  first_order=np.zeros_like(out.x) if out.dx is None else out.dx.sum(axis=0),
-                  contributions=contributions, nodes=interp.nodes, sources=ordered,
-                  config=config)
+              "interval": interval, "norm_bound": norm_bound, "budget": error_budget}
+    report = Report(output=out.x, exact=out.xq - out.x, passes=passes,
+                    first_order=np.zeros_like(out.x) if out.dx is None else out.dx.sum(axis=0),
+                    contributions=contributions, nodes=interp.nodes, sources=ordered,
+                    config=config)
+    return report
 
 
 def _execution_order(sources: list[Source], keys: list[str]) -> list[Source]:

@@ -94,7 +94,7 @@ def _batch(args: argparse.Namespace, path: Path, net: Any) -> tuple[Any, np.ndar
 
 def _csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()

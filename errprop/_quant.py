@@ -359,6 +359,12 @@ class Uniform(Quantizer):
         return UniformGrid(scale, zero, self.qmin, self.qmax, self.rounding, self.arithmetic)
 
     # -------------------------------------------------------------------- misc
+    def with_bits(self, bits: int) -> Uniform:
+        """The same recipe at another bit width (bit sweeps and allocation)."""
+        return Uniform(bits, self.symmetric, self.granularity, self.group_size, self.rounding,
+                       self.clip, self.scale, restricted_range=self.restricted_range,
+                       percentile=self.percentile, arithmetic=self.arithmetic)
+
     def __repr__(self) -> str:
         parts = [str(self.bits)]
         defaults = dict(symmetric=True, granularity="tensor", group_size=None,

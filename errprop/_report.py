@@ -13,6 +13,7 @@ from ._op import Array
 from ._quant import ErrorModel, UniformGrid
 
 if TYPE_CHECKING:
+    from ._budget import Budget
     from ._compare import Comparison
     from ._config import QuantConfig, Source
     from ._probes import NodeStatistics
@@ -318,6 +319,12 @@ class Report:
                          "rounding error of the float activation, so expect statistical, not "
                          "pointwise, agreement")
         return "\n".join(lines + notes)
+
+    def budget(self, by: str = "layer", exact: bool = True) -> Budget:
+        """The error budget table (see :func:`errprop.budget`): per layer or per source,
+        injected MSE, contribution to the output MSE, share, gain, worst case, and the
+        exact MSE with only that row quantized. Computed on first use, then cached."""
+        return self._run("budget", by, exact)
 
     def source_rows(self) -> list[dict[str, Any]]:
         """One record per source, largest output share first: name, kind, quantizer, the
