@@ -30,13 +30,15 @@ folder (errprop.save), a Hugging Face BERT folder (config.json + model.safetenso
 """
 
 
-def add_parser(sub: Any, bits_type: Any) -> None:
-    p = sub.add_parser("analyze", help="quantize a model and report the error per layer",
-                       description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help="model folder or file, or 'minilm'")
-    p.add_argument("--weights", type=bits_type, default=8, metavar="B",
-                   help="weight bits (default 8)")
+def add_model_arguments(p: argparse.ArgumentParser, bits_type: Any, *,
+                        weights_default: int | None = 8) -> None:
+    """MODEL, the quantizers and the input batch: shared by analyze, budget and allocate."""
+    p.add_argument("model", metavar="MODEL",
+                   help="errprop model folder, Hugging Face BERT folder, .onnx or TorchScript "
+                        ".pt file, or 'minilm'")
+    if weights_default is not None:
+        p.add_argument("--weights", type=bits_type, default=weights_default, metavar="B",
+                       help=f"weight bits (default {weights_default})")
     p.add_argument("--activations", type=bits_type, default=None, metavar="B",
                    help="activation bits for the input of every Linear/Attention layer, "
                         "per tensor, calibrated on this batch (default: not quantized)")
@@ -54,10 +56,25 @@ def add_parser(sub: Any, bits_type: Any) -> None:
                        help="a text file with one sentence per line, for a BERT model")
     p.add_argument("--max-length", type=int, default=128,
                    help="truncate sentences to this many tokens (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed for stochastic parts (default 0)")
+
+
+def load_model(args: argparse.Namespace) -> tuple[Path, Any, np.ndarray, str]:
+    """The model path, the network (masked for sentences), its input batch and a label."""
+    path = _model_path(args.model)
+    net = load(path)
+    net, x, what = _batch(args, path, net)
+    return path, net, x, what
+
+
+def add_parser(sub: Any, bits_type: Any) -> None:
+    p = sub.add_parser("analyze", help="quantize a model and report the error per layer",
+                       description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p, bits_type)
     p.add_argument("--mc", type=int, default=0, metavar="N",
                    help="Monte Carlo samples to check the analytic prediction (default 0: "
                         "none)")
-    p.add_argument("--seed", type=int, default=0, help="seed for stochastic parts (default 0)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="write report.json, report.md, nodes.csv and sources.csv here")
     p.set_defaults(func=run)
@@ -103,10 +120,8 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.mc < 0:
         raise ValueError(f"--mc must be >= 0, got {args.mc}")
-    path = _model_path(args.model)
     start = time.perf_counter()
-    net = load(path)
-    net, x, what = _batch(args, path, net)
+    path, net, x, what = load_model(args)
     config = QuantConfig(
         weights=Uniform(args.weights, granularity=args.granularity),
         activations=None if args.activations is None else Uniform(args.activations),

@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from . import _cli_analyze, _cli_compare
+from . import _cli_analyze, _cli_budget, _cli_compare
 from ._analysis import analyze
 from ._builders import mlp, transformer
 from ._config import QuantConfig
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seed for the models, the inputs and stochastic rounding (default 0)")
     demo.set_defaults(func=_demo)
     _cli_analyze.add_parser(sub, _bits)
+    _cli_budget.add_parsers(sub, _bits)
     _cli_compare.add_parser(sub, _bits)
     return parser
 
