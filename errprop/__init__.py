@@ -12,6 +12,7 @@ from ._builders import mlp, transformer, transformer_block
 from ._config import QuantConfig, Source
 from ._allocate import Allocation, allocate_bits, bits_for_share, plan_bits
 from ._budget import Budget, BudgetRow, budget
+from ._budget_matrix import BudgetMatrix, LayerSplit, SplitRow, budget_matrix, layer_split
 from ._bert import encode, load_bert, minilm_path, tokenize
 from ._embedding import Embedding
 from ._io import load, mask_padding, save
@@ -42,12 +43,14 @@ __all__ = [
     "Attention",
     "Budget",
     "BudgetRow",
+    "BudgetMatrix",
     "Comparison",
     "ComparisonRow",
     "Convergence",
     "ConvergenceRow",
     "Embedding",
     "ErrorModel",
+    "LayerSplit",
     "L2Normalize",
     "LayerNorm",
     "Linear",
@@ -70,6 +73,7 @@ __all__ = [
     "Source",
     "SensitivityResult",
     "SensitivityRow",
+    "SplitRow",
     "SourceResult",
     "Uniform",
     "UniformGrid",
@@ -89,6 +93,8 @@ __all__ = [
     "transformer",
     "transformer_block",
     "budget",
+    "budget_matrix",
+    "layer_split",
     "encode",
     "load",
     "load_bert",

@@ -199,6 +199,12 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
 
     passes = {"statistics": statistics, "probes": probes, "second_order": second_order,
               "interval": interval, "norm_bound": norm_bound, "budget": error_budget}
+    # hook: source x node budget matrix and local/propagated split (errprop/_budget_matrix.py)
+    from ._budget_matrix import budget_matrix, layer_split
+
+    passes["budget_matrix"] = lambda by, count, probe_seed, worst: budget_matrix(
+        net, x, report, by=by, probes=count, seed=probe_seed, worst=worst)
+    passes["layer_split"] = lambda model: layer_split(net, x, report, matrix=model)
     report = Report(output=out.x, exact=out.xq - out.x, passes=passes,
                     first_order=np.zeros_like(out.x) if out.dx is None else out.dx.sum(axis=0),
                     contributions=contributions, nodes=interp.nodes, sources=ordered,

@@ -14,6 +14,7 @@ from ._quant import ErrorModel, UniformGrid
 
 if TYPE_CHECKING:
     from ._budget import Budget
+    from ._budget_matrix import BudgetMatrix, LayerSplit
     from ._compare import Comparison
     from ._config import QuantConfig, Source
     from ._probes import NodeStatistics
@@ -325,6 +326,20 @@ class Report:
         injected MSE, contribution to the output MSE, share, gain, worst case, and the
         exact MSE with only that row quantized. Computed on first use, then cached."""
         return self._run("budget", by, exact)
+
+    # hook: source x node budget matrix and local/propagated split (errprop/_budget_matrix.py)
+    def budget_matrix(self, by: str = "source", probes: int = 64, seed: int = 0,
+                      worst: bool = True) -> BudgetMatrix:
+        """The source x node uncertainty budget (:func:`errprop.budget_matrix`): per node and
+        source the standard uncertainty, sensitivity coefficient, component and share, by
+        probes with error bars, the measured shares and the worst-case shares. Cached."""
+        return self._run("budget_matrix", by, probes, seed, worst)
+
+    def layer_split(self, model: BudgetMatrix | None = None) -> LayerSplit:
+        """Local versus propagated error per layer and its noise gain
+        (:func:`errprop.layer_split`); ``model``: a :meth:`budget_matrix` for the columns
+        under the error model. Cached."""
+        return self._run("layer_split", model)
 
     def source_rows(self) -> list[dict[str, Any]]:
         """One record per source, largest output share first: name, kind, quantizer, the
