@@ -137,3 +137,29 @@ def test_mask_padding_shares_parameters_and_checks_the_mask(rng):
         ep.mask_padding(net, np.zeros(ids.shape, bool))
     with pytest.raises(ValueError, match="no layer that takes a padding mask"):
         ep.mask_padding(ep.mlp([3, 3]), np.ones((2, 3), bool))
+
+
+def test_load_dispatches_torchscript_and_onnx_files(tmp_path, torch, rng):
+    """errprop.load reads a TorchScript .pt and an .onnx file through the importers."""
+    import warnings
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x = rng.standard_normal((3, 4))
+    want = m.double()(torch.tensor(x)).detach().numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch 2.13 deprecates torch.jit
+        torch.jit.save(torch.jit.script(m), str(tmp_path / "m.pt"))
+    np.testing.assert_allclose(ep.load(tmp_path / "m.pt")(x), want, rtol=1e-12, atol=1e-12)
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+    W1, W2 = (m[0].weight.detach().double().numpy(), m[2].weight.detach().double().numpy())
+    b1, b2 = (m[0].bias.detach().double().numpy(), m[2].bias.detach().double().numpy())
+    inits = [numpy_helper.from_array(a.astype(np.float32), n)
+             for a, n in ((W1, "W1"), (b1, "b1"), (W2, "W2"), (b2, "b2"))]
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], transB=1),
+         helper.make_node("Tanh", ["h"], ["t"]),
+         helper.make_node("Gemm", ["t", "W2", "b2"], ["y"], transB=1)], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2])], inits)
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    np.testing.assert_allclose(ep.load(tmp_path / "m.onnx")(x), want, rtol=1e-5, atol=1e-6)
