@@ -365,7 +365,8 @@ def budget_matrix(net: Sequential, x: object, report: Report, *, by: str = "sour
     probes : Rademacher probes per column (relative standard error of each variance about
         ``sqrt(2/probes)`` per element, less after averaging over a node's elements).
     seed : for the probes (one stream per source).
-    worst : also run one interval pass per column for the worst-case shares.
+    worst : also run one interval pass per column for the worst-case shares (NaN when an
+        op has no interval rule).
     memory_limit : bytes for the probe tangents; columns are split into several passes
         above it.
     """
@@ -408,7 +409,10 @@ def budget_matrix(net: Sequential, x: object, report: Report, *, by: str = "sour
             for s in chosen.values():
                 if s.source.layer is not None:
                     layers.setdefault(s.source.layer, []).append(s.source)
-            bounds = bound_pass(net, forward, layers, chosen, "interval")
+            try:
+                bounds = bound_pass(net, forward, layers, chosen, "interval")
+            except NotImplementedError:  # an op without an interval rule: no worst case
+                break
             for i, n in enumerate(nodes):
                 W[i, j], Wsum[i, j] = float(np.max(bounds[n])), float(np.sum(bounds[n]))
     measured = np.array([[sum(report.nodes[n].source_rms.get(s, 0.0) ** 2 for s in columns[k])
