@@ -306,6 +306,33 @@ def test_parallel_draws_and_statistics_match_serial(monkeypatch):
         np.testing.assert_array_equal(threaded.nodes[name].quantiles[0.5], node.quantiles[0.5])
 
 
+def _threaded_run_in_child(conn):  # pragma: no cover - runs in a forked child
+    net = ep.mlp([96, 640, 8], "tanh", seed=18)
+    x = np.random.default_rng(18).standard_normal((64, 96))
+    r = monte_carlo(net, x, ep.QuantConfig(weights=ep.Uniform(8)), 4, seed=19)
+    conn.send(r.mse_samples)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_sampling_threads_survive_fork():
+    # the pool's threads do not exist in a forked child: it must make its own, not hang
+    import multiprocessing
+
+    net = ep.mlp([96, 640, 8], "tanh", seed=18)
+    x = np.random.default_rng(18).standard_normal((64, 96))
+    here = monte_carlo(net, x, ep.QuantConfig(weights=ep.Uniform(8)), 4, seed=19)
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_threaded_run_in_child, args=(child,))
+    proc.start()
+    proc.join(60)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail("monte_carlo hung in a forked child")
+    np.testing.assert_array_equal(parent.recv(), here.mse_samples)
+
+
 @pytest.mark.parametrize("percentile", [100.0, 95.0, 30.0])
 def test_clipping_mask_matches_the_error_model(percentile, rng):
     # the sampler evaluates the error model only outside the range; it must agree with
