@@ -283,6 +283,36 @@ def profile_errprop(p: Problem, samples: int, dtype: type) -> tuple[float, dict[
     return elapsed, parts
 
 
+# ---------------------------------------------------------------- CPU time, one thread
+def cpu_seconds(p: Problem, samples: int, dtype: type, chunk: int) -> dict[str, float]:
+    """Process CPU seconds (all threads) of errprop (``nodes=()`` and every node) and of
+    the torch reference at the same chunk, with numpy's BLAS and torch on one thread
+    each: a comparison that a busy machine distorts far less than wall time (waiting
+    BLAS threads spin). errprop's own sampling threads still run, and count."""
+    from threadpoolctl import threadpool_limits
+
+    out = {}
+    before = torch.get_num_threads() if torch is not None else None
+    with threadpool_limits(1):
+        if torch is not None:
+            torch.set_num_threads(1)
+        try:
+            for label, kw in (("errprop, nodes=()", {"nodes": ()}), ("errprop", {})):
+                t0 = time.process_time()
+                run_errprop(p, samples, dtype, chunk_size=chunk, **kw)
+                out[label] = time.process_time() - t0
+            if torch is not None:
+                ref = TorchReference(p, dtype)
+                ref.run(2, 2)
+                t0 = time.process_time()
+                ref.run(samples, chunk)
+                out["torch"] = time.process_time() - t0
+        finally:
+            if torch is not None:
+                torch.set_num_threads(before)
+    return out
+
+
 # ---------------------------------------------------------------- RNG bound
 def rng_rate(dtype: type, repeats: int = 5) -> float:
     """Uniform draws per second of one thread, including the noise transform
@@ -551,6 +581,17 @@ def main(argv: list[str] | None = None) -> int:
     print("Ceiling set by the random numbers alone (numpy SFC64, one thread, cache-sized "
           "blocks; the matmuls run at the numpy GEMM peak on all cores):\n")
     print_bound(p, payload)
+    if torch is not None:
+        S_cpu = min(samples, 16)
+        chunk = payload["measured"][0]["chunks"].get("errprop", S_cpu)
+        with C.Contention() as busy:
+            cpu = cpu_seconds(p, S_cpu, np.float32, min(chunk, S_cpu))
+        print(f"CPU seconds, float32, {S_cpu} samples, numpy BLAS and torch on one thread "
+              f"(setup included; {busy.describe()}):\n")
+        print(C.table(["run", "CPU s", "samples·inputs per CPU s", "vs torch"],
+                      [[k, C.fmt(v), _num(S_cpu * p.x.shape[0] / v),
+                        _times(cpu["torch"] / v)] for k, v in cpu.items()]))
+        print()
     if not args.no_profile:
         with C.Contention() as busy:
             elapsed, parts = profile_errprop(p, samples, np.float32)
