@@ -14,17 +14,18 @@ DESCRIPTION = """\
 Build stacks of MLP blocks (LayerNorm -> Linear(d, 2d) -> GELU -> Linear(2d, d)) and of
 attention blocks (LayerNorm -> multi-head self-attention) at the same width and depth,
 with matched parameter counts (4d²+3d against 4d²+4d per block), from the same seeds and
-on the same Gaussian inputs. Inject input noise by rounding the input to B bits (symmetric,
-per tensor, step s = max|x|/(2^(B-1)-1), round to nearest: variance s²/12) and report, per block type and setting, the
-noise gain (output error energy per unit injected error energy) by first order (exact
-reverse-mode statistics) and by Monte Carlo of the real network, the ratio of the two,
-the coefficient of variation of the gain over input sequences and seeds, and the
+on the same Gaussian inputs. Inject input noise by rounding the input to B bits
+(symmetric, per tensor, step s = max|x|/(2^(B-1)-1), round to nearest: variance s²/12)
+and report, per block type and setting, the noise gain (output error energy per unit
+injected error energy) by first order (exact reverse-mode statistics) and by Monte Carlo
+of the real network, the ratio of the two, the coefficient of variation of the gain over
+input sequences and seeds, how far first order misses each input's gain, and the
 first- and second-order residuals of the exact rounding error. Every combination of the
 listed values is run. The logit scale multiplies the attention's Wq and bq, so the
 logits are multiplied by it exactly (softmax temperature 1/scale).
 
 columns: block, bits, L (depth), scale (logit scale), T (tokens), top p (mean largest
-attention probability, first block), gain 1st / gain MC, MC/1st, CV 1st / CV MC,
+attention probability, first block), gain 1st / gain MC, MC/1st, CV 1st / CV MC, miss,
 resid 1st / resid 2nd. --out writes every column (CSV and JSON).
 """
 

@@ -17,7 +17,8 @@ of about ``logit_scale`` at every depth: the logit scale multiplies ``Wq`` and
 ``logit_scale · S`` — a softmax temperature of ``1 / logit_scale``.
 
 Noise is injected at the network input by rounding it to ``bits`` on errprop's
-default grid, ``Uniform(bits)``: symmetric, per tensor, step ``s = max|x| / (2^(bits-1) - 1)``: independent errors of variance ``s²/12`` per element.
+default grid, ``Uniform(bits)``: symmetric, per tensor, round to nearest, step
+``s = max|x| / (2^(bits-1) - 1)``; independent errors of variance ``s²/12`` per element.
 The *noise gain* of a stack is the output error energy per unit injected energy,
 
     gain = Σ E[Δy²] / Σ Var[Δx]          (sums over a sequence's elements),

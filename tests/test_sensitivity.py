@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_linear_gain_is_frobenius_norm_over_fan_in():
-    # isotropic input noise of variance σ² through y = x Wᵀ + b: E‖Δy‖² = σ² ‖W‖_F² per
-    # row, against σ² · in injected — the closed form, computed here from W alone
+    # isotropic input noise of variance σ² through y = x Wᵀ + b: E‖Δy‖² = σ²‖W‖_F²
+    # per row, against σ² · in injected — the closed form, computed here from W alone
     rng = np.random.default_rng(0)
     W = rng.standard_normal((5, 7))
     net = ep.Sequential([ep.Linear(W, rng.standard_normal(5))])
@@ -73,7 +73,8 @@ def test_blocks_have_the_claimed_parameter_counts(d, heads):
     mlp = ep.sensitivity_network("mlp", d, 1, heads=heads, seed=0)
     attn = ep.sensitivity_network("attention", d, 1, heads=heads, seed=0)
     layer_norm = 2 * d
-    assert mlp.num_params() == 4 * d * d + 3 * d + layer_norm == block_params("mlp", d) + layer_norm
+    assert mlp.num_params() == 4 * d * d + 3 * d + layer_norm \
+        == block_params("mlp", d) + layer_norm
     assert attn.num_params() == 4 * d * d + 4 * d + layer_norm \
         == block_params("attention", d) + layer_norm
     assert attn.num_params() - mlp.num_params() == d  # matched to within 1/(4d) relative
