@@ -10,6 +10,9 @@ from ._analysis import analyze
 from ._attention import Attention
 from ._builders import mlp, transformer, transformer_block
 from ._config import QuantConfig, Source
+from ._allocate import Allocation, allocate_bits, bits_for_share, plan_bits
+from ._budget import Budget, BudgetRow, budget
+from ._budget_matrix import BudgetMatrix, LayerSplit, SplitRow, budget_matrix, layer_split
 from ._bert import encode, load_bert, minilm_path, tokenize
 from ._embedding import Embedding
 from ._io import load, mask_padding, save
@@ -36,13 +39,18 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS",
     "Activation",
+    "Allocation",
     "Attention",
+    "Budget",
+    "BudgetRow",
+    "BudgetMatrix",
     "Comparison",
     "ComparisonRow",
     "Convergence",
     "ConvergenceRow",
     "Embedding",
     "ErrorModel",
+    "LayerSplit",
     "L2Normalize",
     "LayerNorm",
     "Linear",
@@ -65,11 +73,14 @@ __all__ = [
     "Source",
     "SensitivityResult",
     "SensitivityRow",
+    "SplitRow",
     "SourceResult",
     "Uniform",
     "UniformGrid",
+    "allocate_bits",
     "analyze",
     "compare_blocks",
+    "bits_for_share",
     "convergence",
     "from_onnx",
     "from_sklearn",
@@ -81,11 +92,15 @@ __all__ = [
     "sqnr_db",
     "transformer",
     "transformer_block",
+    "budget",
+    "budget_matrix",
+    "layer_split",
     "encode",
     "load",
     "load_bert",
     "mask_padding",
     "minilm_path",
+    "plan_bits",
     "save",
     "sensitivity_network",
     "tokenize",
