@@ -12,7 +12,8 @@ from ._builders import mlp, transformer, transformer_block
 from ._config import QuantConfig, Source
 from ._allocate import Allocation, allocate_bits, bits_for_share, plan_bits
 from ._budget import Budget, BudgetRow, budget
-from ._budget_matrix import BudgetMatrix, LayerSplit, SplitRow, budget_matrix, layer_split
+from ._budget_matrix import BudgetMatrix, budget_matrix
+from ._layer_split import LayerSplit, SplitRow, layer_split
 from ._bert import encode, load_bert, minilm_path, tokenize
 from ._embedding import Embedding
 from ._io import load, mask_padding, save

@@ -200,7 +200,8 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
     passes = {"statistics": statistics, "probes": probes, "second_order": second_order,
               "interval": interval, "norm_bound": norm_bound, "budget": error_budget}
     # hook: source x node budget matrix and local/propagated split (errprop/_budget_matrix.py)
-    from ._budget_matrix import budget_matrix, layer_split
+    from ._budget_matrix import budget_matrix
+    from ._layer_split import layer_split
 
     passes["budget_matrix"] = lambda by, count, probe_seed, worst: budget_matrix(
         net, x, report, by=by, probes=count, seed=probe_seed, worst=worst)

@@ -14,7 +14,8 @@ from ._quant import ErrorModel, UniformGrid
 
 if TYPE_CHECKING:
     from ._budget import Budget
-    from ._budget_matrix import BudgetMatrix, LayerSplit
+    from ._budget_matrix import BudgetMatrix
+    from ._layer_split import LayerSplit
     from ._compare import Comparison
     from ._config import QuantConfig, Source
     from ._probes import NodeStatistics
