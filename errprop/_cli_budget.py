@@ -1,5 +1,6 @@
-"""``errprop budget MODEL`` and ``errprop allocate MODEL``: the error budget table and a
-mixed-precision bit allocation, from the command line."""
+"""``errprop budget MODEL`` and ``errprop allocate MODEL``: the error budget table (or, with
+``--matrix`` / ``--split``, the source × node uncertainty budget or the local / propagated
+split) and a mixed-precision bit allocation, from the command line."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ._budget import COLUMNS
 from ._cli_analyze import add_model_arguments, load_model
 from ._config import QuantConfig
 from ._files import write_text
+from ._graph import unknown_name_message
 from ._quant import Uniform
 
 FORMATS = ("text", "markdown", "csv", "json", "latex")
@@ -25,6 +27,18 @@ energy for models too large for exact statistics), its share, the gain (output M
 unit injected MSE), the first-order worst case, and the exact output MSE with only that
 row quantized. SQNR is 20*log10(||y|| / ||y - y_q||) dB, as PyTorch's numeric suite and
 ONNX Runtime define it.
+
+--matrix [NODE] prints instead the uncertainty budget (GUM) at the output node, or at NODE:
+per source (per layer with --by layer) its standard uncertainty u(x_s), the sensitivity
+coefficient c_s, the component u_s, its share of the node's variance with a standard error
+(from --probes random probes), the measured share for the actual rounding and the
+interval worst case. csv and json hold every (node, source) record, whatever NODE.
+
+--split prints instead, per layer, the error made there (local: the layer's own sources
+quantized, float input) versus the error arriving from upstream (propagated: the float
+layer on the quantized network's input), their interaction, and the layer's noise gain
+(sum of propagated^2 / sum of input error^2), measured, first order and under the error
+model. See docs/budgets.md.
 """
 
 ALLOCATE = """\
@@ -52,17 +66,36 @@ def _config(args: argparse.Namespace) -> QuantConfig:
                                                                 granularity="channel"))
 
 
+def _render(table: Any, fmt: str, **node: str | None) -> str:
+    """``table`` (a Budget, BudgetMatrix or LayerSplit) in format ``fmt``; ``node`` goes to
+    the one-node views of a BudgetMatrix (text, markdown, latex)."""
+    return {"text": lambda: table.table(**node), "markdown": lambda: table.to_markdown(**node),
+            "latex": lambda: table.to_latex(**node), "csv": table.to_csv,
+            "json": table.to_json}[fmt]()
+
+
 def run_budget(args: argparse.Namespace) -> int:
     _, net, x, what = load_model(args)
     report = analyze(net, x, _config(args), seed=args.seed)
-    budget = report.budget(by=args.by, exact=not args.no_exact).sort(
-        args.sort, descending=args.sort != "name")
-    text = {"text": budget.table, "markdown": budget.to_markdown, "csv": budget.to_csv,
-            "json": budget.to_json, "latex": budget.to_latex}[args.format]()
+    if args.matrix is not None:
+        node = args.matrix or None  # a bare --matrix: the output node
+        if node is not None and node not in report.nodes:  # before the probe passes
+            raise ValueError(f"--matrix: {unknown_name_message('node', node, list(report.nodes))}")
+        matrix = report.budget_matrix(by=args.by, probes=args.probes, seed=args.seed)
+        name, text = "matrix", _render(matrix, args.format, node=node)
+    elif args.split:
+        # the matrix only feeds the error-model columns (variances): no worst-case passes
+        model = report.budget_matrix(by=args.by, probes=args.probes, seed=args.seed,
+                                     worst=False)
+        name, text = "split", _render(report.layer_split(model), args.format)
+    else:
+        budget = report.budget(by=args.by, exact=not args.no_exact).sort(
+            args.sort, descending=args.sort != "name")
+        name, text = "budget", _render(budget, args.format)
     if args.format == "text":
         text = f"== {what}\n{text}"
     suffix = {"text": "txt", "markdown": "md", "csv": "csv", "json": "json", "latex": "tex"}
-    _emit(text, args, f"budget.{suffix[args.format]}")
+    _emit(text, args, f"{name}.{suffix[args.format]}")
     return 0
 
 
@@ -115,17 +148,32 @@ def add_parsers(sub: Any, bits_type: Any) -> None:
     p = sub.add_parser("budget", help="per-layer (or per-source) error budget table",
                        description=BUDGET, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p, bits_type)
+    table = p.add_mutually_exclusive_group()
+    table.add_argument("--matrix", nargs="?", const="", default=None, metavar="NODE",
+                       help="instead of the budget table: the source x node uncertainty "
+                            "budget at the output, or at NODE (text, markdown, latex); csv "
+                            "and json hold every node. Put it after MODEL")
+    table.add_argument("--split", action="store_true",
+                       help="instead of the budget table: per layer, local versus "
+                            "propagated error and the noise gain")
     p.add_argument("--by", choices=("layer", "source"), default="layer",
-                   help="one row per layer (its sources together) or per source "
-                        "(default layer)")
+                   help="one row per layer (its sources together) or per source; for "
+                        "--matrix the columns (default layer)")
     p.add_argument("--sort", choices=COLUMNS, default="output_mse",
-                   help="column to sort by, largest first (default output_mse)")
+                   help="column to sort the budget table by, largest first (default "
+                        "output_mse); --matrix sorts by component, --split keeps the "
+                        "network's order")
+    p.add_argument("--probes", type=int, default=64, metavar="P",
+                   help="random probes per column of --matrix / --split (default 64; "
+                        "standard error about sqrt(2/P))")
     p.add_argument("--format", choices=FORMATS, default="text",
                    help="table format: text (terminal), markdown, csv, json, latex (booktabs)")
     p.add_argument("--no-exact", action="store_true",
-                   help="skip the exact single-row fake-quant runs (faster on big models)")
+                   help="skip the exact single-row fake-quant runs of the budget table "
+                        "(faster on big models)")
     p.add_argument("--out", type=Path, metavar="DIR",
-                   help="also write the table to DIR/budget.<ext> (written whole or not at all)")
+                   help="also write the table to DIR/budget.<ext> (DIR/matrix.<ext>, "
+                        "DIR/split.<ext>), written whole or not at all")
     p.set_defaults(func=run_budget)
 
     a = sub.add_parser("allocate", help="per-layer weight bits for a target error or cost",
