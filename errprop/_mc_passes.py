@@ -1,5 +1,6 @@
-"""Monte Carlo passes: the float reference, the plan (every source's sampler), one
-chunk of samples through the graph, and the statistics accumulated per node."""
+"""Monte Carlo passes: the float reference, the plan (every source's sampler, and the
+Linear weights sampled at the layer output), one chunk of samples through the graph,
+and the statistics accumulated per node."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from ._config import Source
 from ._graph import Sequential, check_finite_node
 from ._linear import Linear
 from ._op import Array, Op
-from ._sampling import _output_noise, _OutputNoise, _sampler, _Sampler, _Streams, _threads
+from ._quant import UniformGrid
+from ._sampling import _sampler, _Sampler, _Streams, _threads
 
 #: float32 runs need quantization steps at least this fraction of the largest value
 #: (about 840 float32 ulps), so float32 rounding stays far below the quantization error
@@ -23,6 +25,74 @@ _Z99 = 2.5758293035489004
 #: elements per tile of the node statistics: a chunk's float64 tile stays in cache
 _TILE = 1 << 14
 
+
+# ---------------------------------------------------------------- output noise
+@dataclass(frozen=True, eq=False)
+class _OutputNoise:
+    """``X ΔWᵀ`` of a Linear layer sampled at its output (``weight_noise="output"``).
+
+    With independent weight errors of mean ``M_aj`` and, on row ``a``, variance
+    ``σ_a²`` (zero on a clipped element), the error ``Z = X ΔWᵀ`` over the ``N``
+    rows of the float input ``X = U Σ Vᵀ`` (rank ``r``) has mean ``X Mᵀ`` and
+    row-``a`` covariance ``σ_a² (X Xᵀ - Σ_{j clipped} x_j x_jᵀ)``. Without
+    clipping, ``σ_a U Σ ξ`` with ``ξ ~ N(0, I_r)`` has exactly that covariance:
+    ``r ≤ min(N, in)`` draws per row instead of ``in``. A row with one clipped
+    element ``j`` (``v = V[j]``) uses ``ξ - v (v·ξ + √(1-|v|²) η)``, ``η ~ N(0, 1)``:
+    the covariance becomes ``Σ (I - v vᵀ) Σ``, removing ``x_j x_jᵀ`` exactly.
+    """
+
+    key: int
+    name: str
+    US: Array  # (N, r)
+    sigma: Array  # (out,)
+    shift: Array | None  # X Mᵀ, shaped as the layer output; None when zero
+    rows: Array  # the rows with one clipped element, (k,)
+    V: Array  # (k, r): V[j] of each such row's clipped element
+    t: Array  # (k,): √(1 - |v|²)
+    out_shape: tuple[int, ...]
+
+    def sample(self, streams: _Streams, start: int, count: int) -> Array:
+        r, out, k = self.US.shape[1], self.sigma.size, self.rows.size
+        draws = streams.fill(self.key, start, np.empty((count, r * out + k), self.US.dtype),
+                             normal=True)
+        xi = draws[:, :r * out].reshape(count, r, out)
+        if k:
+            part = xi[:, :, self.rows]
+            proj = np.einsum("kr,srk->sk", self.V, part) + self.t * draws[:, r * out:]
+            xi[:, :, self.rows] = part - self.V.T * proj[:, None, :]
+        xi *= self.sigma
+        z = (self.US @ xi).reshape(count, *self.out_shape)
+        return z if self.shift is None else z + self.shift
+
+
+def _output_noise(key: int, src: Source, X: Array, grid: UniformGrid, W: Array,
+                  dtype: np.dtype) -> _OutputNoise | None:
+    """The output-noise sampler, or None where the weight error is not iid per row
+    (stochastic rounding, group-wise scales, more than one clipped element in a row)."""
+    model = grid.error_model(W)
+    free = ~model.clipped
+    if grid.rounding == "stochastic" or np.any(np.count_nonzero(~free, axis=1) > 1) \
+            or not np.all(free.any(axis=1)):
+        return None
+    rows = np.arange(W.shape[0])
+    first = np.argmax(free, axis=1)
+    var, mu = model.var[rows, first], model.mean[rows, first]
+    if np.any(free & ((model.var != var[:, None]) | (model.mean != mu[:, None]))):
+        return None
+    X2 = X.reshape(-1, X.shape[-1])
+    U, sv, Vt = np.linalg.svd(X2, full_matrices=False)
+    keep = sv > sv[0] * max(X2.shape) * np.finfo(np.float64).eps  # the rank of X
+    clipped_rows = np.flatnonzero(~free.all(axis=1))
+    V = Vt[keep].T[np.argmax(~free[clipped_rows], axis=1)]
+    t = np.sqrt(np.maximum(1.0 - np.sum(V * V, axis=1), 0.0))
+    out_shape = (*X.shape[:-1], W.shape[0])
+    shift = None if not model.mean.any() else (X2 @ model.mean.T).reshape(out_shape)
+    return _OutputNoise(key, src.name, (U[:, keep] * sv[keep]).astype(dtype),
+                        np.sqrt(var).astype(dtype), None if shift is None else shift.astype(dtype),
+                        clipped_rows, V.astype(dtype), t.astype(dtype), out_shape)
+
+
+# ---------------------------------------------------------------- passes
 class _Reference:
     """Interpreter: the float64 forward, recording every node and the layer inputs; and
     each op's working memory: the tracemalloc peak of its forward in the run's dtype

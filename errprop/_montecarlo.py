@@ -169,8 +169,7 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
         ``in``. Other sources stay exact; ``.fast_sources`` lists the sampled ones.
     nodes : ``"all"`` (default), or the names of the nodes whose statistics to
         record; the output is always recorded. Each recorded node costs a few
-        passes over its values per sample (about a quarter of a width-1024
-        Linear layer's time), so ``nodes=()`` is the fastest.
+        passes over its values per sample, so ``nodes=()`` is the fastest.
 
     Returns
     -------
