@@ -26,7 +26,10 @@ def _matmul_t(x: Array, W: Array) -> Array:
     ``x`` (Monte Carlo draws one weight per sample).
     """
     if W.ndim == 2:
-        return _flat_matmul(x, W.T)
+        # stacked, not flattened: each (tokens, in) slice is its own GEMM of a fixed shape,
+        # so a sample's result does not depend on how many samples share the call
+        # (one flat GEMM can round the last bit differently at block edges)
+        return x @ W.T
     if x.shape[0] == W.shape[0]:
         # one (rows, in) @ (in, out) product per sample, rows = batch · tokens
         flat = x.reshape(x.shape[0], -1, x.shape[-1]) @ np.swapaxes(W, -1, -2)
