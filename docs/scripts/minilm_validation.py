@@ -36,6 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=200, help="Monte Carlo samples")
     parser.add_argument("--probes", type=int, default=64, help="Jacobian probes")
+    parser.add_argument("--only", nargs="+", metavar="CONFIG",
+                        help="rows to run, e.g. W4A8-channel (default: all four)")
     args = parser.parse_args()
     path = ep.minilm_path()
     net, ids = ep.encode(ep.load(path), path, SENTENCES)
@@ -47,6 +49,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for w, a in ((8, 8), (4, 8)):
         for gran in ("tensor", "channel"):
+            if args.only and f"W{w}A{a}-{gran}" not in args.only:
+                continue
             cfg = ep.QuantConfig(weights=ep.Uniform(w, granularity=gran),
                                  activations=ep.Uniform(a))
             start = time.perf_counter()
