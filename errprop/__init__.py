@@ -18,6 +18,7 @@ from ._bert import encode, load_bert, minilm_path, tokenize
 from ._embedding import Embedding
 from ._io import load, mask_padding, save
 from ._convergence import Convergence, ConvergenceRow, convergence
+from ._demo import digits_mlp
 from ._graph import NodeInfo, Residual, Sequential
 from ._linear import Linear
 from ._onnx import from_onnx
@@ -83,6 +84,7 @@ __all__ = [
     "compare_blocks",
     "bits_for_share",
     "convergence",
+    "digits_mlp",
     "from_onnx",
     "from_sklearn",
     "from_torch",

@@ -1,0 +1,483 @@
+"""``errprop demo``: budgets, bit allocation, a report and figures on three built-in models.
+
+The models: a seeded GELU MLP, a seeded 2-block transformer, and a real ReLU MLP trained
+on scikit-learn's digits (shipped in ``errprop/data/digits-mlp``, see
+``docs/scripts/train_digits_mlp.py`` and :func:`digits_mlp`). For each, at every bit
+width: the error budget per layer (weights per channel, activations per tensor), exact
+versus first order versus Monte Carlo at every node, and a per-layer weight-bit allocation
+for a target SQNR, planned on one batch and verified by exact fake-quant runs on held-out
+inputs against the cheapest uniform width (plus classification accuracy for the digits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._allocate import Allocation, plan_bits
+from ._analysis import analyze
+from ._builders import mlp, transformer
+from ._compare import Comparison
+from ._config import QuantConfig
+from ._files import write_text
+from ._graph import Sequential
+from ._io import load
+from ._montecarlo import monte_carlo
+from ._quant import Uniform
+from ._report import Report
+
+MODELS = ("mlp", "transformer", "digits")
+SPLITS = ("test", "calibration")
+CANDIDATES = range(3, 9)  # 2-bit weights never pay off on these models
+# Okabe-Ito, safe for the common colour-vision deficiencies
+BLACK, BLUE, VERMILION, GREEN, ORANGE, SKY = ("#000000", "#0072B2", "#D55E00", "#009E73",
+                                              "#E69F00", "#56B4E9")
+KINDS = {"weight": ("weights (per channel)", BLUE), "bias": ("biases", SKY),
+         "activation": ("activations (layer inputs)", ORANGE), "input": ("network input", GREEN),
+         "norm": ("norm parameters", VERMILION), "embedding": ("embeddings", BLACK)}
+
+
+def digits_mlp(split: str = "test") -> tuple[Sequential, np.ndarray, np.ndarray]:
+    """The shipped digits classifier and a held-out batch: ``(net, x, labels)``.
+
+    A 64-64-32-10 ReLU MLP with a softmax output, trained by scikit-learn's
+    ``MLPClassifier`` on 60% of ``sklearn.datasets.load_digits`` and imported with
+    :func:`from_sklearn` (``docs/scripts/train_digits_mlp.py``). ``net(x)`` are the class
+    probabilities, ``(batch, 10)``.
+
+    Parameters
+    ----------
+    split : ``"test"`` (450 images; test accuracy 97.6%) or ``"calibration"`` (270 images
+        for fitting quantizers); neither was seen in training.
+
+    Returns
+    -------
+    net, x : the network and the images ``x: (batch, 64)``, pixels / 16 in [0, 1] (as
+        in training); labels : ``(batch,)`` integer classes 0..9.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"digits_mlp: split must be one of {SPLITS}, got {split!r}")
+    root = resources.files("errprop") / "data" / "digits-mlp"
+    if isinstance(root, Path):
+        net = load(root)
+    else:  # a zipped install: copy the two files out for load()
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in ("model.json", "weights.npz"):
+                (Path(tmp) / name).write_bytes((root / name).read_bytes())
+            net = load(tmp)
+    with (root / "digits.npz").open("rb") as f, np.load(f) as data:
+        key = "test" if split == "test" else "calib"
+        x = data[f"x_{key}"].astype(np.float64) / 16.0
+        labels = data[f"y_{key}"].astype(np.int64)
+    return net, x, labels
+
+
+@dataclass(frozen=True)
+class _Case:
+    key: str
+    title: str  # short, for figures
+    detail: str
+    net: Sequential
+    x: np.ndarray  # analysed batch (budget, Monte Carlo)
+    calib: np.ndarray  # the allocation is planned here ...
+    held_out: np.ndarray  # ... and verified here
+    labels: np.ndarray | None = None  # of held_out
+
+
+def _cases(names: list[str], seed: int) -> list[_Case]:
+    rng = np.random.default_rng(seed)
+    cases = []
+    if "mlp" in names:
+        x = rng.standard_normal((32, 64))
+        cases.append(_Case("mlp", "seeded GELU MLP 64-128x4-10", "Gaussian inputs",
+                           mlp([64, 128, 128, 128, 128, 10], "gelu", seed=seed), x, x,
+                           rng.standard_normal((256, 64))))
+    if "transformer" in names:
+        x = rng.standard_normal((2, 8, 32))
+        cases.append(_Case("transformer", "seeded 2-block pre-norm transformer",
+                           "d_model 32, 4 heads, d_ff 128, 8 tokens, Gaussian inputs",
+                           transformer(32, 4, 128, 2, seed=seed), x, x,
+                           rng.standard_normal((16, 8, 32))))
+    if "digits" in names:
+        net, x_test, labels = digits_mlp("test")
+        _, x_calib, _ = digits_mlp("calibration")
+        cases.append(_Case("digits", "digits MLP 64-64-32-10 ReLU + softmax",
+                           "trained by scikit-learn; 450 held-out test images", net, x_test,
+                           x_calib, x_test, labels))
+    return cases
+
+
+def _accuracy(y: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(y, axis=-1) == labels))
+
+
+def _finite(v: Any) -> Any:
+    """JSON has no NaN/inf: write null."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+# ------------------------------------------------------------------------ analysis
+def _analyse(case: _Case, bits: int, samples: int, probes: int,
+             seed: int) -> tuple[Report, Comparison, dict[str, Any], list[str]]:
+    config = QuantConfig(weights=Uniform(bits, granularity="channel"),
+                         activations=Uniform(bits))
+    report = analyze(case.net, case.x, config, seed=seed)
+    mc = monte_carlo(case.net, case.x, config, samples=samples, seed=seed, quantiles=())
+    comparison = report.compare(mc, probes=probes, seed=seed)
+    budget = report.budget()
+    doc: dict[str, Any] = {
+        "bits": bits, "config": f"W{bits} per channel, A{bits} per tensor",
+        "output_sqnr_db": report.sqnr_db, "exact_mse": report.exact_mse,
+        "analytic_mse": report.mse, "mc_mse": mc.mse, "mc_mse_ci99": list(mc.mse_ci),
+        "mc_samples": samples, "first_order_residual": report.residual,
+        "flagged_nodes": comparison.flagged, "budget": json.loads(budget.to_json()),
+        "nodes": [{"node": r.name, "kind": r.kind, "rms_exact": r.rms_exact,
+                   "rms_first_order": r.rms_first_order, "rms_analytic": r.rms_analytic,
+                   "rms_mc": r.rms_mc, "rms_mc_ci99": r.rms_mc_ci, "flagged": r.disagrees}
+                  for r in comparison.rows]}
+    lines = [f"-- W{bits}A{bits} (weights per channel, activations per tensor): output SQNR "
+             f"{report.sqnr_db:.1f} dB; output MSE exact {report.exact_mse:.3g}, analytic "
+             f"{report.mse:.3g}, Monte Carlo {mc.mse:.3g} [{mc.mse_ci[0]:.3g}, "
+             f"{mc.mse_ci[1]:.3g}] (99%, {samples} samples)", "", budget.table()]
+    if comparison.flagged:
+        lines.append(f"first order leaves the Monte Carlo interval at: "
+                     f"{', '.join(comparison.flagged)}")
+    if case.labels is not None:
+        doc["accuracy"] = _accuracy(report.output + report.exact, case.labels)
+    return report, comparison, doc, lines
+
+
+def _allocate(case: _Case, target: float,
+              seed: int) -> tuple[Allocation | None, dict[str, Any], list[str]]:
+    head = f"-- weight bits per layer for output SQNR >= {target:g} dB (activations float)"
+    try:
+        plan = plan_bits(case.net, case.calib, target_sqnr_db=target, candidates=CANDIDATES,
+                         seed=seed)
+    except ValueError as exc:  # out of reach with these candidates: say so, carry on
+        return None, {"target_sqnr_db": target, "error": str(exc)}, [head, f"   {exc}"]
+    weights = Uniform(8, granularity="channel")
+    runs = {"allocated": (plan.config, plan.cost, list(plan.bits.values()))}
+    if plan.uniform_bits is not None:
+        runs[f"uniform {plan.uniform_bits}"] = (
+            QuantConfig(weights=weights.with_bits(plan.uniform_bits)), plan.uniform_cost,
+            [plan.uniform_bits] * len(plan.bits))
+    doc: dict[str, Any] = {"target_sqnr_db": target, "bits": plan.bits,
+                           "predicted_mse": plan.predicted_mse, "cost_unit": plan.cost_unit,
+                           "calibration_batch": list(case.calib.shape),
+                           "held_out_batch": list(case.held_out.shape), "runs": {}}
+    for name, (config, cost, bits) in runs.items():
+        r = analyze(case.net, case.held_out, config, seed=seed)
+        doc["runs"][name] = {"bits": bits, "cost": cost, "held_out_sqnr_db": r.sqnr_db,
+                             "meets_target": bool(r.sqnr_db >= target)}
+        if case.labels is not None:
+            doc["runs"][name]["accuracy"] = _accuracy(r.output + r.exact, case.labels)
+    done = doc["runs"].values()
+    table = [["layer", *runs],
+             *([layer, *(str(d["bits"][i]) for d in done)] for i, layer in enumerate(plan.bits)),
+             [f"cost ({plan.cost_unit})", *(f"{d['cost']:,.0f}" for d in done)],
+             ["held-out SQNR dB", *(f"{d['held_out_sqnr_db']:.1f}" for d in done)]]
+    if case.labels is not None:
+        table.append(["held-out accuracy", *(f"{100 * d['accuracy']:.1f}%" for d in done)])
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = [head, f"   planned on a {'x'.join(map(str, case.calib.shape))} calibration "
+                   f"batch, verified on a {'x'.join(map(str, case.held_out.shape))} held-out "
+                   f"batch",
+             *("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(r, widths))) for r in table)]
+    lines.insert(3, "  ".join("-" * w for w in widths))
+    if case.labels is not None:
+        doc["float_accuracy"] = _accuracy(case.net(case.held_out), case.labels)
+        lines.append(f"float accuracy {100 * doc['float_accuracy']:.1f}%")
+    if plan.uniform_bits is not None:
+        saved = 1 - plan.cost / plan.uniform_cost
+        doc["saving_vs_uniform"] = saved
+        lines.append(f"the allocation costs {100 * saved:.0f}% fewer weight bits than uniform "
+                     f"{plan.uniform_bits} bits")
+    return plan, doc, lines
+
+
+# ------------------------------------------------------------------------ figures
+def _readable(path: str | os.PathLike) -> None:
+    """The permissions of a normally created file (temporary files start private)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    """Write the figure whole or not at all (temporary file, then rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        _readable(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _figure(nrows: int, ncols: int, size: tuple[float, float]) -> tuple[Any, np.ndarray]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")  # no pyplot: no global state
+    FigureCanvasAgg(fig)
+    return fig, np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+
+
+def _budget_figure(case: _Case, reports: dict[int, Report], path: Path) -> None:
+    fig, axes = _figure(len(reports), 1, (8.0, 1.0 + 3.0 * len(reports)))
+    for ax, (bits, report) in zip(axes, reports.items()):
+        rows = report.budget(by="source", exact=False).rows
+        layers = list(dict.fromkeys(report.sources[r.name].source.layer or "input"
+                                    for r in rows))
+        bottom = np.zeros(len(layers))
+        for kind, (label, colour) in KINDS.items():
+            share = np.zeros(len(layers))
+            for r in rows:
+                s = report.sources[r.name]
+                if s.kind == kind:
+                    share[layers.index(s.source.layer or "input")] += 100 * r.share
+            if share.any():
+                ax.bar(layers, share, bottom=bottom, color=colour, label=label, width=0.7)
+                bottom += share
+        ax.set_ylim(0, max(bottom.max(), 1e-9) * 1.15)
+        ax.set_ylabel("share of output MSE (%)")
+        ax.set_title(f"W{bits}A{bits}: predicted output MSE {report.mse:.3g} "
+                     f"(exact {report.exact_mse:.3g})", fontsize=10)
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    axes[-1].set_xlabel("layer (execution order)")
+    fig.suptitle(f"Error budget per layer: {case.title}\n({case.detail})", fontsize=10)
+    _save_png(fig, path)
+
+
+def _growth_figure(case: _Case, comparisons: dict[int, Comparison], path: Path) -> None:
+    n = len(next(iter(comparisons.values())).rows)
+    fig, axes = _figure(len(comparisons), 1, (max(7.0, 2.5 + 0.3 * n),
+                                              1.6 + 3.2 * len(comparisons)))
+    for ax, (bits, comp) in zip(axes, comparisons.items()):
+        rows = comp.rows
+        pos = np.arange(len(rows))
+
+        def positive(values: Any) -> np.ndarray:  # a log axis cannot show an exact zero
+            v = np.array(values, dtype=float)
+            return np.where(v > 0, v, np.nan)
+
+        mc = positive([r.rms_mc for r in rows])
+        lo, hi = (positive([(r.rms_mc_ci or (np.nan, np.nan))[i] for r in rows])
+                  for i in (0, 1))
+        ax.fill_between(pos, lo, hi, color=VERMILION, alpha=0.25, lw=0,
+                        label=f"Monte Carlo 99% interval ({comp.mc_samples} samples)")
+        ax.plot(pos, mc, color=VERMILION, lw=1.5, label="Monte Carlo RMS")
+        ax.plot(pos, positive([r.rms_analytic for r in rows]), color=GREEN, ls="--", lw=1.5,
+                label="first order, noise model (analytic RMS)")
+        ax.plot(pos, positive([r.rms_first_order for r in rows]), color=BLUE, ls="none",
+                marker="s", ms=5, mfc="none", label="first order, this rounding")
+        ax.plot(pos, positive([r.rms_exact for r in rows]), color=BLACK, ls="none",
+                marker="o", ms=3.5, label="exact (fake-quant minus float)")
+        ax.set_yscale("log")
+        ax.set_ylabel("RMS error at node\n(units of the node's values)")
+        zero = [r.rms_exact == 0 and not r.rms_mc for r in rows]
+        ax.set_title(f"W{bits}A{bits}; * = analytic outside the Monte Carlo interval"
+                     + (", (0) = no error yet" if any(zero) else ""), fontsize=10)
+        ax.set_xticks(pos, [r.name + (" *" if r.disagrees else "") + (" (0)" if z else "")
+                            for r, z in zip(rows, zero)],
+                      rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    axes[-1].set_xlabel("node (execution order)")
+    fig.suptitle(f"Error growth through the network: {case.title}\n({case.detail})",
+                 fontsize=10)
+    _save_png(fig, path)
+
+
+def _allocation_figure(plans: dict[str, dict[str, Any]], target: float, path: Path) -> None:
+    """Bits per layer, allocated next to uniform; ``plans``: model -> its allocation doc."""
+    fig, axes = _figure(1, len(plans), (3.2 + 2.6 * len(plans), 4.4))
+    for ax, (key, doc) in zip(axes, plans.items()):
+        layers = list(doc["bits"])
+        pos = np.arange(len(layers))
+        runs = list(doc["runs"].items())
+        width = 0.8 / len(runs)
+        sqnr = []
+        for i, ((name, run), colour, hatch) in enumerate(zip(runs, (BLUE, VERMILION),
+                                                             ("", "//"))):
+            ax.bar(pos + (i - (len(runs) - 1) / 2) * width, run["bits"], width, color=colour,
+                   hatch=hatch, edgecolor="white", label=name)
+            sqnr.append(f"{run['held_out_sqnr_db']:.1f}")
+        ax.set_ylim(0, CANDIDATES[-1] + 3)
+        ax.set_yticks(range(0, CANDIDATES[-1] + 1, 2))
+        ax.set_ylabel("weight bits")
+        title = key
+        if "saving_vs_uniform" in doc:
+            title += (f": {100 * doc['saving_vs_uniform']:.0f}% fewer bits\nheld-out SQNR "
+                      f"{' vs '.join(sqnr)} dB")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(pos, layers, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
+        ax.set_xlabel("layer")
+        ax.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"Weight bits per layer for output SQNR ≥ {target:g} dB: the allocation "
+                 f"(least Σ bits·weights) and the cheapest uniform width", fontsize=10)
+    _save_png(fig, path)
+
+
+# ------------------------------------------------------------------------ the command
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    bits = list(dict.fromkeys(args.bits))
+    samples = args.samples if args.samples is not None else (50 if args.quick else 200)
+    probes = 16 if args.quick else 64
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    cases = _cases(list(dict.fromkeys(args.models)), args.seed)
+    doc: dict[str, Any] = {"seed": args.seed, "bits": bits, "samples": samples,
+                           "target_sqnr_db": args.target_sqnr, "models": {}}
+    md = ["# errprop demo", "",
+          f"Seed {args.seed}; weights per channel and activations per tensor at "
+          f"{', '.join(map(str, bits))} bits; Monte Carlo {samples} samples; weight bits "
+          f"allocated for output SQNR >= {args.target_sqnr:g} dB, verified on held-out "
+          f"inputs. SQNR = 20·log10(‖y‖/‖Δy‖). Activation errors are noise: compare them "
+          f"statistically (analytic, Monte Carlo), not pointwise.", ""]
+    plans: dict[str, dict[str, Any]] = {}
+    files = []
+    for case in cases:
+        text = [f"== {case.title}: {case.net.num_params():,} parameters, batch "
+                f"{'x'.join(map(str, case.x.shape))}"]
+        model: dict[str, Any] = {"title": case.title, "parameters": case.net.num_params(),
+                                 "batch": list(case.x.shape), "runs": []}
+        if case.labels is not None:
+            model["float_accuracy"] = _accuracy(case.net(case.x), case.labels)
+        reports, comparisons = {}, {}
+        for b in bits:
+            reports[b], comparisons[b], run_doc, lines = _analyse(
+                case, b, samples, probes, args.seed)
+            model["runs"].append(run_doc)
+            text += ["", *lines]
+            if case.labels is not None:
+                text.append(f"digits accuracy on {len(case.labels)} held-out images: float "
+                            f"{100 * model['float_accuracy']:.1f}%, W{b}A{b} "
+                            f"{100 * run_doc['accuracy']:.1f}%")
+        plan, model["allocation"], lines = _allocate(case, args.target_sqnr, args.seed)
+        text += ["", *lines]
+        if plan is not None:
+            plans[case.key] = model["allocation"]
+        print("\n".join(text) + "\n", flush=True)
+        names = [f"{case.key}-budget.png", f"{case.key}-growth.png"]
+        _budget_figure(case, reports, out / names[0])
+        _growth_figure(case, comparisons, out / names[1])
+        files += names
+        model["figures"] = names
+        doc["models"][case.key] = model
+        md += [f"## {case.key}", "", "```", *text, "```", "",
+               *(f"![{n}]({n})" for n in names), ""]
+        for b, comparison in comparisons.items():
+            md += [f"Per node at W{b}A{b}: exact, first and second order, analytic (noise "
+                   f"model) and Monte Carlo RMS error:", "", "```", comparison.table(), "```",
+                   ""]
+    if plans:
+        _allocation_figure(plans, args.target_sqnr, out / "allocation.png")
+        files.append("allocation.png")
+        md += ["## allocation", "", "![allocation.png](allocation.png)", ""]
+    doc["seconds"] = time.perf_counter() - start
+    _readable(write_text(out / "report.json",
+                         json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n"))
+    _readable(write_text(out / "report.md", "\n".join(md)))
+    print(f"wrote {out}/: report.md, report.json, {', '.join(files)} "
+          f"({doc['seconds']:.1f} s)")
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"Monte Carlo needs at least 2 samples, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number >= 0, got {text!r}")
+    return value
+
+
+def _sqnr(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of dB, got {text!r}") from None
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"the target SQNR must be in (0, 100] dB, got {text}")
+    return value
+
+
+DESCRIPTION = """\
+Run errprop on three built-in models: a seeded GELU MLP, a seeded 2-block transformer and
+a real MLP trained on scikit-learn's digits (shipped with errprop). For each, print the
+error budget per layer (injected MSE, share of the output MSE, gain, worst case, exact MSE
+with only that layer quantized), where first order leaves the Monte Carlo interval, and
+a per-layer weight-bit allocation for a target SQNR next to the cheapest uniform width
+(cost, exact SQNR on held-out inputs, and the digits' classification accuracy). Write
+report.md, report.json and figures (budget per layer by source kind, error growth across
+nodes: exact / first order / Monte Carlo, bits per layer) into --out.
+"""
+
+
+def add_parser(sub: Any, bits_type: Any) -> None:
+    p = sub.add_parser("demo", help="the showcase: budgets, bit allocation, report and "
+                                    "figures on built-in models",
+                       description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", type=bits_type, nargs="+", default=[8, 4], metavar="B",
+                   help="bit widths for the budget and the error growth: weights per "
+                        "channel and activations per tensor, each width in turn (default: "
+                        "8 4)")
+    p.add_argument("--target-sqnr", type=_sqnr, default=25.0, metavar="DB",
+                   help="output SQNR in dB, 20·log10(‖y‖/‖Δy‖), that the per-layer "
+                        "weight-bit allocation must reach (default 25)")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                   metavar="MODEL", help="which built-in models to run: mlp, transformer, "
+                                         "digits (default: all three)")
+    p.add_argument("--samples", type=_positive, default=None, metavar="N",
+                   help="Monte Carlo samples per model and bit width (default 200, or 50 "
+                        "with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer Monte Carlo samples and random probes: a fast smoke run")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed for the random models, their inputs, stochastic rounding and "
+                        "Monte Carlo (default 0)")
+    p.add_argument("--out", type=Path, default=Path("errprop-out"), metavar="DIR",
+                   help="folder for report.md, report.json and the PNG figures (default "
+                        "./errprop-out); files are replaced atomically")
+    p.set_defaults(func=run)
