@@ -27,6 +27,7 @@ from ._norm import L2Normalize, LayerNorm, RMSNorm
 from ._pool import MeanPool
 from ._op import Op
 from ._quant import ErrorModel, Quantizer, Uniform, UniformGrid
+from ._float import FloatFormat, MXFormat
 from ._compare import Comparison, ComparisonRow
 from ._probes import NodeStatistics
 from ._report import NodeResult, Report, SourceResult, relative_residual, sqnr_db
@@ -52,11 +53,13 @@ __all__ = [
     "ConvergenceRow",
     "Embedding",
     "ErrorModel",
+    "FloatFormat",
     "LayerSplit",
     "L2Normalize",
     "LayerNorm",
     "Linear",
     "MeanPool",
+    "MXFormat",
     "MonteCarloResult",
     "NodeInfo",
     "NodeResult",
