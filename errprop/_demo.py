@@ -91,7 +91,7 @@ class _Case:
     x: np.ndarray  # analysed batch (budget, Monte Carlo)
     calib: np.ndarray  # the allocation is planned here ...
     held_out: np.ndarray  # ... and verified here
-    labels: np.ndarray | None = None  # of held_out
+    labels: np.ndarray | None = None  # classes of held_out
 
 
 def _cases(names: list[str], seed: int) -> list[_Case]:
@@ -112,8 +112,8 @@ def _cases(names: list[str], seed: int) -> list[_Case]:
         net, x_test, labels = digits_mlp("test")
         _, x_calib, _ = digits_mlp("calibration")
         cases.append(_Case("digits", "digits MLP 64-64-32-10 ReLU + softmax",
-                           "trained by scikit-learn; 450 held-out test images", net, x_test,
-                           x_calib, x_test, labels))
+                           "trained by scikit-learn; 270 held-out calibration images", net,
+                           x_calib, x_calib, x_test, labels))
     return cases
 
 
@@ -160,8 +160,12 @@ def _analyse(case: _Case, bits: int, samples: int, probes: int,
     if comparison.flagged:
         lines.append(f"first order leaves the Monte Carlo interval at: "
                      f"{', '.join(comparison.flagged)}")
-    if case.labels is not None:
-        doc["accuracy"] = _accuracy(report.output + report.exact, case.labels)
+    if case.labels is not None:  # on the test images, quantized the same way
+        test = analyze(case.net, case.held_out, config, seed=seed)
+        doc["accuracy"] = _accuracy(test.output + test.exact, case.labels)
+        lines.append(f"digits accuracy on {len(case.labels)} held-out test images: float "
+                     f"{100 * _accuracy(test.output, case.labels):.1f}%, W{bits}A{bits} "
+                     f"{100 * doc['accuracy']:.1f}%")
     return report, comparison, doc, lines
 
 
@@ -371,17 +375,13 @@ def run(args: argparse.Namespace) -> int:
         model: dict[str, Any] = {"title": case.title, "parameters": case.net.num_params(),
                                  "batch": list(case.x.shape), "runs": []}
         if case.labels is not None:
-            model["float_accuracy"] = _accuracy(case.net(case.x), case.labels)
+            model["float_accuracy"] = _accuracy(case.net(case.held_out), case.labels)
         reports, comparisons = {}, {}
         for b in bits:
             reports[b], comparisons[b], run_doc, lines = _analyse(
                 case, b, samples, probes, args.seed)
             model["runs"].append(run_doc)
             text += ["", *lines]
-            if case.labels is not None:
-                text.append(f"digits accuracy on {len(case.labels)} held-out images: float "
-                            f"{100 * model['float_accuracy']:.1f}%, W{b}A{b} "
-                            f"{100 * run_doc['accuracy']:.1f}%")
         plan, model["allocation"], lines = _allocate(case, args.target_sqnr, args.seed)
         text += ["", *lines]
         if plan is not None:
