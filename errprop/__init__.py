@@ -28,12 +28,14 @@ from ._pool import MeanPool
 from ._op import Op
 from ._quant import ErrorModel, Quantizer, Uniform, UniformGrid
 from ._float import FloatFormat, MXFormat
+from ._hwgap import IntegerKernel, accumulator_bits
 from ._compare import Comparison, ComparisonRow
 from ._probes import NodeStatistics
 from ._report import NodeResult, Report, SourceResult, relative_residual, sqnr_db
 from ._sensitivity import (NoiseGain, SensitivityResult, SensitivityRow, compare_blocks,
                            noise_gain, sensitivity_network)
 from ._statistics import OutputStatistics
+from ._sweep import SweepResult, sweep
 from ._sklearn import from_sklearn
 from ._torch import from_torch
 
@@ -54,6 +56,7 @@ __all__ = [
     "Embedding",
     "ErrorModel",
     "FloatFormat",
+    "IntegerKernel",
     "LayerSplit",
     "L2Normalize",
     "LayerNorm",
@@ -79,9 +82,11 @@ __all__ = [
     "SensitivityResult",
     "SensitivityRow",
     "SplitRow",
+    "SweepResult",
     "SourceResult",
     "Uniform",
     "UniformGrid",
+    "accumulator_bits",
     "allocate_bits",
     "analyze",
     "compare_blocks",
@@ -108,6 +113,7 @@ __all__ = [
     "minilm_path",
     "plan_bits",
     "save",
+    "sweep",
     "sensitivity_network",
     "tokenize",
 ]

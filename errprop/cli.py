@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import _cli_analyze, _cli_budget, _cli_compare, _demo
+from . import _cli_sweep
 
 
 def _bits(text: str) -> int:
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_analyze.add_parser(sub, _bits)
     _cli_budget.add_parsers(sub, _bits)
     _cli_compare.add_parser(sub, _bits)
+    _cli_sweep.add_parser(sub, _bits)
     return parser
 
 
