@@ -28,6 +28,7 @@ from ._pool import MeanPool
 from ._op import Op
 from ._quant import ErrorModel, Quantizer, Uniform, UniformGrid
 from ._float import FloatFormat, MXFormat
+from ._hwgap import IntegerKernel, accumulator_bits
 from ._compare import Comparison, ComparisonRow
 from ._probes import NodeStatistics
 from ._report import NodeResult, Report, SourceResult, relative_residual, sqnr_db
@@ -55,6 +56,7 @@ __all__ = [
     "Embedding",
     "ErrorModel",
     "FloatFormat",
+    "IntegerKernel",
     "LayerSplit",
     "L2Normalize",
     "LayerNorm",
@@ -84,6 +86,7 @@ __all__ = [
     "SourceResult",
     "Uniform",
     "UniformGrid",
+    "accumulator_bits",
     "allocate_bits",
     "analyze",
     "compare_blocks",

@@ -16,6 +16,7 @@ matching branch rows. The engine never looks at an op's type.
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -47,8 +48,10 @@ class _Propagate:
     """Interpreter: float forward, fake-quant forward and first-order tangents together."""
 
     def __init__(self, by_layer: Mapping[str, list[Source]], qparams: Mapping[str, dict],
-                 dparams: Mapping[str, Array], rng: np.random.Generator) -> None:
+                 dparams: Mapping[str, Array], rng: np.random.Generator,
+                 fitted: Mapping[str, SourceResult] | None = None) -> None:
         self.by_layer = by_layer
+        self.fitted = {} if fitted is None else fitted  # parameter and input sources
         self.qparams = qparams
         self.dparams = dparams
         self.rng = rng
@@ -71,7 +74,9 @@ class _Propagate:
         sources = self.by_layer.get(name, [])
         for src in sources:
             if src.kind == "activation":
-                grid = src.quantizer.fit(x, channel_axis=-1, what=f"the input of {name!r}")
+                grid = src.quantizer.fit_in_context(
+                    x, what=f"the input of {name!r}",
+                    fitted=ChainMap(self.activation_results, self.fitted))
                 q_float = grid.quantize(x, rng=self.rng)
                 self.activation_results[src.name] = SourceResult(
                     src, q_float - x, grid.error_model(x), grid, x)
@@ -169,7 +174,7 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
         results[src.name] = SourceResult(src, xq - x, grid.error_model(x), grid, x)
         state = _State(x, xq, [src.name], (xq - x)[None])
 
-    interp = _Propagate(by_layer, qparams, dparams, rng)
+    interp = _Propagate(by_layer, qparams, dparams, rng, results)
     # overflow is reported per node by the interpreter, not as a NumPy warning
     with np.errstate(over="ignore", invalid="ignore"):
         out = walk(net, state, interp)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ._graph import Sequential, suggest
 from ._op import Op
+from ._hwgap import IntegerKernel
 from ._quant import Quantizer
 
 #: QuantConfig field -> the parameter kind it quantizes.
@@ -50,6 +51,9 @@ class QuantConfig:
     norms : quantizer or None, for LayerNorm/RMSNorm ``gamma`` and ``beta``.
     embeddings : quantizer or None, for the tables of an ``Embedding`` (word, position,
         token type; per channel means one scale per table row, i.e. per token).
+    hardware : :class:`errprop.IntegerKernel` or None: the integer-only kernel the network is
+        deployed with; adds the hardware-gap sources ``<layer>.acc``,
+        ``<layer>.in.rescale`` and ``<layer>.in.rounding`` (see errprop/_hwgap.py).
     overrides : mapping ``pattern -> {field: quantizer or None}``. A pattern is a
         layer name or an ``fnmatch`` glob (``"block0.*"``); fields are
         ``weights``, ``biases``, ``activations``, ``norms``, ``embeddings``. Later entries win.
@@ -66,6 +70,7 @@ class QuantConfig:
     input: Quantizer | None = None
     norms: Quantizer | None = None
     embeddings: Quantizer | None = None
+    hardware: IntegerKernel | None = None
     overrides: Mapping[str, Mapping[str, Quantizer | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,6 +79,9 @@ class QuantConfig:
         if not isinstance(self.overrides, Mapping):
             raise TypeError(f"QuantConfig: overrides must be a mapping pattern -> "
                             f"{{field: quantizer}}, got {type(self.overrides).__name__}")
+        if self.hardware is not None and not isinstance(self.hardware, IntegerKernel):
+            raise TypeError(f"QuantConfig: hardware must be an errprop.IntegerKernel or None, "
+                            f"got {type(self.hardware).__name__}")
         for pattern, spec in self.overrides.items():
             if not isinstance(pattern, str) or not pattern:
                 raise TypeError(f"QuantConfig: override keys must be layer names or globs, "
@@ -113,6 +121,8 @@ class QuantConfig:
             out.append(Source("input", None, "input", None, self.input))
         for name, op in layers:
             out.extend(_layer_sources(name, op, self._for_layer(name)))
+        if self.hardware is not None:
+            out = self.hardware.sources(net, out)
         return out
 
 

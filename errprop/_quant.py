@@ -14,6 +14,7 @@ upstream error has already moved, exactly as a deployed integer kernel does.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +66,12 @@ class Quantizer(ABC):
     @abstractmethod
     def fit(self, x: Array, *, channel_axis: int = 0, what: str = "tensor") -> UniformGrid:
         """Calibrate on ``x`` (the grid's scale and range come from ``x``)."""
+
+    def fit_in_context(self, x: Array, *, what: str, fitted: Mapping[str, object]) -> UniformGrid:
+        """Calibrate on a layer input ``x`` during an analysis; ``fitted`` maps the names of
+        the sources fitted so far to their results. Default: ``fit(x, channel_axis=-1)``
+        (hardware-gap sources use the grids of the layer that produced ``x``)."""
+        return self.fit(x, channel_axis=-1, what=what)
 
     def quantize(self, x: object, *, channel_axis: int = 0, rng: np.random.Generator | None
                  = None) -> Array:
