@@ -10,10 +10,16 @@ Import it explicitly (``import errprop.symbolic``); ``import errprop`` does not 
 """
 
 from ._forwards import SYMBOLIC_ACTIVATIONS, symbolic_forward
+from ._recursion import Apply, Curvature, Equation, Recursion, recursion
 from ._rules import RuleCheck, RuleReport, SymbolicOp, builtin_cases, verify_rules
 from ._tape import Tape, directional_derivative, elementwise, symbols
 
 __all__ = [
+    "Apply",
+    "Curvature",
+    "Equation",
+    "Recursion",
+    "recursion",
     "RuleCheck",
     "RuleReport",
     "SYMBOLIC_ACTIVATIONS",
