@@ -285,8 +285,9 @@ class _Sampler:
 
 def _sampler(key: int, src: Source, value: Array, grid: UniformGrid, mode: str,
              dtype: np.dtype) -> _Sampler:
-    cast = UniformGrid(np.asarray(grid.scale, dtype), np.asarray(grid.zero_point, dtype),
-                       grid.qmin, grid.qmax, grid.rounding)
+    # keep every setting of the grid (e.g. arithmetic="torch"), in the run's dtype
+    cast = dataclasses.replace(grid, scale=np.asarray(grid.scale, dtype),
+                               zero_point=np.asarray(grid.zero_point, dtype))
     active = fixed = clip_err = uniform = None
     law: tuple[Array, ...] = ()
     if mode == "noise":

@@ -635,3 +635,21 @@ def test_bad_network_input_and_config():
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q", "-s"]))
+
+
+def test_quantize_mode_keeps_the_grid_arithmetic():
+    """The sampler's grid keeps every setting of the fitted grid (arithmetic="torch"
+    included), only cast to the run's dtype."""
+    import dataclasses
+    from errprop._config import Source
+    from errprop._sampling import _sampler
+    q = ep.Uniform(4, arithmetic="torch")
+    value = np.linspace(-1, 1, 12).reshape(3, 4)
+    grid = q.fit(value)
+    src = Source("fc1.W", "fc1", "weight", "W", q)
+    for dtype in (np.float32, np.float64):
+        s = _sampler(0, src, value, grid, "quantize", np.dtype(dtype))
+        assert s.grid.arithmetic == "torch" and s.grid.scale.dtype == dtype
+        for field in dataclasses.fields(grid):
+            a, b = getattr(s.grid, field.name), getattr(grid, field.name)
+            assert np.array_equal(a, b) if isinstance(b, np.ndarray) else a == b
