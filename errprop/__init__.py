@@ -26,7 +26,8 @@ from ._montecarlo import MonteCarloResult, NodeStats, monte_carlo
 from ._norm import L2Normalize, LayerNorm, RMSNorm
 from ._pool import MeanPool
 from ._op import Op
-from ._quant import ErrorModel, Quantizer, Uniform, UniformGrid
+from ._quant import ErrorModel, Fixed, FixedGrid, Quantizer, Uniform, UniformGrid
+from ._gpfq import alphabet_step, gpfq, gpfq_config, spfq
 from ._float import FloatFormat, MXFormat
 from ._hwgap import IntegerKernel, accumulator_bits
 from ._compare import Comparison, ComparisonRow
@@ -56,6 +57,8 @@ __all__ = [
     "Embedding",
     "ErrorModel",
     "FloatFormat",
+    "Fixed",
+    "FixedGrid",
     "IntegerKernel",
     "LayerSplit",
     "L2Normalize",
@@ -88,6 +91,7 @@ __all__ = [
     "UniformGrid",
     "accumulator_bits",
     "allocate_bits",
+    "alphabet_step",
     "analyze",
     "compare_blocks",
     "bits_for_share",
@@ -96,6 +100,8 @@ __all__ = [
     "from_onnx",
     "from_sklearn",
     "from_torch",
+    "gpfq",
+    "gpfq_config",
     "mlp",
     "monte_carlo",
     "noise_gain",
@@ -115,5 +121,6 @@ __all__ = [
     "save",
     "sweep",
     "sensitivity_network",
+    "spfq",
     "tokenize",
 ]

@@ -284,7 +284,9 @@ class _Sampler:
 
 
 def _sampler(key: int, src: Source, value: Array, grid: UniformGrid, mode: str,
-             dtype: np.dtype) -> _Sampler:
+             dtype: np.dtype) -> _Sampler | _ModelSampler:
+    if not isinstance(grid, UniformGrid):
+        return _model_sampler(key, src, value, grid, mode, dtype)
     # keep every setting of the grid (e.g. arithmetic="torch"), in the run's dtype
     cast = dataclasses.replace(grid, scale=np.asarray(grid.scale, dtype),
                                zero_point=np.asarray(grid.zero_point, dtype))
@@ -316,6 +318,72 @@ def _sampler(key: int, src: Source, value: Array, grid: UniformGrid, mode: str,
                 clip_err = value.ravel()[fixed] + clip_err
         clip_err = None if clip_err is None else clip_err.astype(dtype)
     return _Sampler(key, src, value.astype(dtype), cast, active, fixed, clip_err, law, uniform)
+
+
+# ---------------------------------------------------------------- any other grid
+@dataclass(frozen=True, eq=False)
+class _ModelSampler:
+    """A source whose grid is not a :class:`UniformGrid` (any object with ``quantize`` and
+    ``error_model``: float formats, fixed GPFQ/SPFQ weights), with the same interface.
+
+    Noise mode draws ``e = mean + (2u - 1)·√(3·var)``, ``u ~ U(0, 1)`` per element, with
+    ``mean`` and ``var`` the grid's error model at ``value``: uniform with the model's
+    mean and variance (``U[-s/2, s/2]`` for a rounding of step ``s``), and exactly
+    ``mean`` where ``var = 0`` (a deterministic error: clipping, a fixed weight). When
+    every ``var`` is 0 nothing is drawn. Quantize mode applies ``grid.quantize`` to the
+    sample's value, without dither (the grid's own rounding, no random shift).
+    """
+
+    key: int
+    source: Source
+    value: Array  # in the run's dtype
+    grid: object
+    mean: Array | None  # noise mode: the model's mean, in the run's dtype
+    half: Array | None  # noise mode: √(3·var), or None when every var is 0
+
+    @property
+    def adds_value(self) -> bool:
+        return self.source.kind not in ("activation", "input")
+
+    def draws(self, count: int, scratch: Array | None) -> Array:
+        size = count * self.value.size
+        if scratch is None or scratch.size < size:
+            return np.empty((count, *self.value.shape), self.value.dtype)
+        return scratch[:size].reshape(count, *self.value.shape)
+
+    def perturb(self, v: Array, streams: _Streams, start: int, count: int,
+                scratch: Array | None = None) -> Array:
+        """``v + e`` with ``e`` drawn from the error model at ``value``: ``(count, *shape)``."""
+        u = self.draws(count, scratch)
+        if self.half is None:
+            u[...] = self.mean
+        else:
+            streams.fill(self.key, start, u)
+            u *= 2.0
+            u -= 1.0
+            u *= self.half
+            u += self.mean
+        u += v
+        return u
+
+    def quantize(self, v: Array, streams: _Streams, start: int, count: int,
+                 scratch: Array | None = None) -> Array:
+        """``grid.quantize(v)`` for every sample, ``(count, *shape)``."""
+        q = np.asarray(self.grid.quantize(np.asarray(v, np.float64)), dtype=self.value.dtype)
+        u = self.draws(count, scratch)
+        u[...] = q
+        return u
+
+
+def _model_sampler(key: int, src: Source, value: Array, grid: object, mode: str,
+                   dtype: np.dtype) -> _ModelSampler:
+    mean = half = None
+    if mode == "noise":
+        model = grid.error_model(np.asarray(value, np.float64))
+        mean = np.asarray(model.mean, dtype)
+        if np.any(model.var > 0):
+            half = np.sqrt(3.0 * np.asarray(model.var, np.float64)).astype(dtype)
+    return _ModelSampler(key, src, value.astype(dtype), grid, mean, half)
 
 
 def _clipping(grid: UniformGrid, value: Array) -> tuple[Array, Array]:
