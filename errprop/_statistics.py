@@ -125,7 +125,10 @@ def output_statistics(net: Sequential, y: Array, forward: Mapping[str, tuple[Arr
             f"error bars at every node (the output included), analyze fewer inputs, or raise "
             f"analyze(..., statistics_work_limit=...)")
     per_pair = max(int(x.size // B) + int(o.size // B) for x, o in forward.values())
-    per_pair += max((s.error.size for s in sources.values() if s.source.param), default=0)
+    if any(x.ndim > 2 for x, _ in forward.values()):
+        # with a token axis the per-sample weight cotangents are dense; without one they
+        # stay factored (Outer) and cost no more than the node values
+        per_pair += max((s.error.size for s in sources.values() if s.source.param), default=0)
     pairs = max(1, memory_limit // (8 * _OVERHEAD * per_pair))
     b_chunk = min(B, max(1, pairs // K))
     k_chunk = min(K, max(1, pairs // b_chunk))
