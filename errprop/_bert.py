@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ._optional import optional
 from ._activation import ACTIVATIONS, Activation
 from ._attention import Attention
 from ._embedding import Embedding
@@ -41,11 +42,7 @@ _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tan
 
 
 def _need(module: str, extra: str) -> Any:
-    try:
-        return __import__(module, fromlist=["_"])
-    except ImportError:
-        raise ImportError(f"this needs the optional package {module.split('.')[0]!r}: "
-                          f"pip install \"errprop[{extra}]\"") from None
+    return optional(module, feature="loading a BERT checkpoint", extra=extra)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

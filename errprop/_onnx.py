@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ._optional import optional
 from ._graph import Sequential
 from ._onnx_build import Builder
 from ._onnx_graph import UNKNOWN, SNode, Unsupported, View
@@ -23,12 +24,7 @@ _DEFAULT_DIMS = (2, 3, 4, 5)
 
 
 def _require_onnx() -> Any:
-    try:
-        import onnx
-    except ImportError as exc:
-        raise ImportError('errprop.from_onnx needs the onnx package: pip install "errprop[onnx]"'
-                          ) from exc
-    return onnx
+    return optional("onnx", feature="errprop.from_onnx", extra="onnx")
 
 
 def _input_shape(value_info, given: tuple[int, ...] | None) -> tuple[int, ...]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ._optional import optional
 from ._activation import Activation, Softmax
 from ._graph import Sequential
 from ._linear import Linear
@@ -20,12 +21,8 @@ _OUTPUT = {"softmax": "softmax", "logistic": "sigmoid", "identity": None}
 
 
 def _import_sklearn() -> Any:
-    try:
-        import sklearn.neural_network as nn
-    except ImportError as exc:
-        raise ImportError('errprop.from_sklearn needs scikit-learn, an optional extra: '
-                          'pip install "errprop[sklearn]" (or pip install scikit-learn)') from exc
-    return nn
+    return optional("sklearn.neural_network", feature="errprop.from_sklearn",
+                    extra="sklearn", package="scikit-learn")
 
 
 def from_sklearn(model: Any) -> Sequential:

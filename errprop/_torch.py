@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ._optional import optional
 from ._activation import Activation, Softmax
 from ._attention import Attention
 from ._graph import Residual, Sequential
@@ -42,12 +43,7 @@ _BAD_NAME_CHARS = str.maketrans({c: "_" for c in "*?[]"})
 
 def import_torch() -> Any:
     """``import torch``, or an ImportError that names the extra to install."""
-    try:
-        import torch
-    except ImportError as exc:
-        raise ImportError('errprop.from_torch needs PyTorch, an optional extra: '
-                          'pip install "errprop[torch]" (or pip install torch)') from exc
-    return torch
+    return optional("torch", feature="errprop.from_torch", extra="torch")
 
 
 def from_torch(module: Any) -> Sequential:

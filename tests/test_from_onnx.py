@@ -316,16 +316,8 @@ def test_bad_arguments(tmp_path):
 
 
 def test_missing_onnx_names_the_extra(monkeypatch):
-    import builtins
-
-    real = builtins.__import__
-
-    def fake(name, *args, **kwargs):
-        if name == "onnx":
-            raise ImportError("no onnx")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake)
+    import sys
+    monkeypatch.setitem(sys.modules, "onnx", None)  # makes `import onnx` fail
     with pytest.raises(ImportError, match=re.escape('pip install "errprop[onnx]"')):
         ep.from_onnx("model.onnx")
 
