@@ -38,7 +38,7 @@ from ._report import Report
 
 MODELS = ("mlp", "transformer", "digits")
 SPLITS = ("test", "calibration")
-CANDIDATES = range(3, 9)  # 2-bit weights never pay off on these models
+CANDIDATES = range(3, 9)  # no 2-bit candidate: one exact-statistics analysis fewer each
 # Okabe-Ito, safe for the common colour-vision deficiencies
 BLACK, BLUE, VERMILION, GREEN, ORANGE, SKY = ("#000000", "#0072B2", "#D55E00", "#009E73",
                                               "#E69F00", "#56B4E9")
@@ -95,14 +95,15 @@ class _Case:
 
 
 def _cases(names: list[str], seed: int) -> list[_Case]:
-    rng = np.random.default_rng(seed)
     cases = []
     if "mlp" in names:
+        rng = np.random.default_rng([seed, 1])  # one stream per model: --models selects
         x = rng.standard_normal((32, 64))
         cases.append(_Case("mlp", "seeded GELU MLP 64-128x4-10", "Gaussian inputs",
                            mlp([64, 128, 128, 128, 128, 10], "gelu", seed=seed), x, x,
                            rng.standard_normal((256, 64))))
     if "transformer" in names:
+        rng = np.random.default_rng([seed, 2])
         x = rng.standard_normal((2, 8, 32))
         cases.append(_Case("transformer", "seeded 2-block pre-norm transformer",
                            "d_model 32, 4 heads, d_ff 128, 8 tokens, Gaussian inputs",
@@ -135,8 +136,36 @@ def _finite(v: Any) -> Any:
 
 
 # ------------------------------------------------------------------------ analysis
+#: what the analyses say, rendered twice (terminal and Markdown): ("head", text),
+#: ("line", text), ("table", rows with a header row first) or ("budget", Budget)
+Blocks = list[tuple[str, Any]]
+
+
+def _render(blocks: Blocks, markdown: bool) -> list[str]:
+    out: list[str] = []
+    for kind, item in blocks:
+        if kind == "head":
+            out += ["", f"### {item}", ""] if markdown else ["", f"-- {item}"]
+        elif kind == "line":
+            out += [item, ""] if markdown else [item]
+        elif kind == "budget":
+            table = item.table()
+            out += ([item.to_markdown().rstrip(), "", table.splitlines()[-1], ""]
+                    if markdown else ["", table])
+        elif markdown:
+            out += ["| " + " | ".join(r) + " |" for r in item[:1]]
+            out += ["|---|" + "---:|" * (len(item[0]) - 1)]
+            out += ["| " + " | ".join(r) + " |" for r in item[1:]] + [""]
+        else:
+            widths = [max(len(r[i]) for r in item) for i in range(len(item[0]))]
+            rows = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                              for i, (c, w) in enumerate(zip(r, widths))) for r in item]
+            out += [rows[0], "  ".join("-" * w for w in widths), *rows[1:]]
+    return out
+
+
 def _analyse(case: _Case, bits: int, samples: int, probes: int,
-             seed: int) -> tuple[Report, Comparison, dict[str, Any], list[str]]:
+             seed: int) -> tuple[Report, Comparison, dict[str, Any], Blocks]:
     config = QuantConfig(weights=Uniform(bits, granularity="channel"),
                          activations=Uniform(bits))
     report = analyze(case.net, case.x, config, seed=seed)
@@ -153,30 +182,34 @@ def _analyse(case: _Case, bits: int, samples: int, probes: int,
                    "rms_first_order": r.rms_first_order, "rms_analytic": r.rms_analytic,
                    "rms_mc": r.rms_mc, "rms_mc_ci99": r.rms_mc_ci, "flagged": r.disagrees}
                   for r in comparison.rows]}
-    lines = [f"-- W{bits}A{bits} (weights per channel, activations per tensor): output SQNR "
-             f"{report.sqnr_db:.1f} dB; output MSE exact {report.exact_mse:.3g}, analytic "
-             f"{report.mse:.3g}, Monte Carlo {mc.mse:.3g} [{mc.mse_ci[0]:.3g}, "
-             f"{mc.mse_ci[1]:.3g}] (99%, {samples} samples)", "", budget.table()]
+    blocks: Blocks = [
+        ("head", f"W{bits}A{bits} (weights per channel, activations per tensor)"),
+        ("line", f"output SQNR {report.sqnr_db:.1f} dB; output MSE exact "
+                 f"{report.exact_mse:.3g}, analytic {report.mse:.3g}, Monte Carlo {mc.mse:.3g} "
+                 f"[{mc.mse_ci[0]:.3g}, {mc.mse_ci[1]:.3g}] (99%, {samples} samples)"),
+        ("budget", budget)]
     if comparison.flagged:
-        lines.append(f"first order leaves the Monte Carlo interval at: "
-                     f"{', '.join(comparison.flagged)}")
+        blocks.append(("line", f"first order leaves the Monte Carlo interval at: "
+                               f"{', '.join(comparison.flagged)}"))
     if case.labels is not None:  # on the test images, quantized the same way
         test = analyze(case.net, case.held_out, config, seed=seed)
         doc["accuracy"] = _accuracy(test.output + test.exact, case.labels)
-        lines.append(f"digits accuracy on {len(case.labels)} held-out test images: float "
-                     f"{100 * _accuracy(test.output, case.labels):.1f}%, W{bits}A{bits} "
-                     f"{100 * doc['accuracy']:.1f}%")
-    return report, comparison, doc, lines
+        blocks.append(("line", f"digits accuracy on {len(case.labels)} held-out test images: "
+                               f"float {100 * _accuracy(test.output, case.labels):.1f}%, "
+                               f"W{bits}A{bits} {100 * doc['accuracy']:.1f}%"))
+    return report, comparison, doc, blocks
 
 
 def _allocate(case: _Case, target: float,
-              seed: int) -> tuple[Allocation | None, dict[str, Any], list[str]]:
-    head = f"-- weight bits per layer for output SQNR >= {target:g} dB (activations float)"
+              seed: int) -> tuple[Allocation | None, dict[str, Any], Blocks]:
+    blocks: Blocks = [("head", f"weight bits per layer for output SQNR >= {target:g} dB "
+                               f"(activations float)")]
     try:
         plan = plan_bits(case.net, case.calib, target_sqnr_db=target, candidates=CANDIDATES,
                          seed=seed)
     except ValueError as exc:  # out of reach with these candidates: say so, carry on
-        return None, {"target_sqnr_db": target, "error": str(exc)}, [head, f"   {exc}"]
+        return None, {"target_sqnr_db": target, "error": str(exc)}, [*blocks,
+                                                                     ("line", str(exc))]
     weights = Uniform(8, granularity="channel")
     runs = {"allocated": (plan.config, plan.cost, list(plan.bits.values()))}
     if plan.uniform_bits is not None:
@@ -200,22 +233,17 @@ def _allocate(case: _Case, target: float,
              ["held-out SQNR dB", *(f"{d['held_out_sqnr_db']:.1f}" for d in done)]]
     if case.labels is not None:
         table.append(["held-out accuracy", *(f"{100 * d['accuracy']:.1f}%" for d in done)])
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = [head, f"   planned on a {'x'.join(map(str, case.calib.shape))} calibration "
-                   f"batch, verified on a {'x'.join(map(str, case.held_out.shape))} held-out "
-                   f"batch",
-             *("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(r, widths))) for r in table)]
-    lines.insert(3, "  ".join("-" * w for w in widths))
+    blocks += [("line", f"planned on a {'x'.join(map(str, case.calib.shape))} calibration "
+                        f"batch, verified on a {'x'.join(map(str, case.held_out.shape))} "
+                        f"held-out batch"), ("table", table)]
     if case.labels is not None:
         doc["float_accuracy"] = _accuracy(case.net(case.held_out), case.labels)
-        lines.append(f"float accuracy {100 * doc['float_accuracy']:.1f}%")
+        blocks.append(("line", f"float accuracy {100 * doc['float_accuracy']:.1f}%"))
     if plan.uniform_bits is not None:
-        saved = 1 - plan.cost / plan.uniform_cost
-        doc["saving_vs_uniform"] = saved
-        lines.append(f"the allocation costs {100 * saved:.0f}% fewer weight bits than uniform "
-                     f"{plan.uniform_bits} bits")
-    return plan, doc, lines
+        doc["saving_vs_uniform"] = saved = 1 - plan.cost / plan.uniform_cost
+        blocks.append(("line", f"the allocation costs {100 * saved:.0f}% fewer weight bits "
+                               f"than uniform {plan.uniform_bits} bits"))
+    return plan, doc, blocks
 
 
 # ------------------------------------------------------------------------ figures
@@ -330,14 +358,14 @@ def _allocation_figure(plans: dict[str, dict[str, Any]], target: float, path: Pa
                                                              ("", "//"))):
             ax.bar(pos + (i - (len(runs) - 1) / 2) * width, run["bits"], width, color=colour,
                    hatch=hatch, edgecolor="white", label=name)
-            sqnr.append(f"{run['held_out_sqnr_db']:.1f}")
+            sqnr.append(f"{name.split()[0]} {run['held_out_sqnr_db']:.1f}")
         ax.set_ylim(0, CANDIDATES[-1] + 3)
         ax.set_yticks(range(0, CANDIDATES[-1] + 1, 2))
         ax.set_ylabel("weight bits")
         title = key
         if "saving_vs_uniform" in doc:
             title += (f": {100 * doc['saving_vs_uniform']:.0f}% fewer bits\nheld-out SQNR "
-                      f"{' vs '.join(sqnr)} dB")
+                      f"{', '.join(sqnr)} dB")
         ax.set_title(title, fontsize=9)
         ax.set_xticks(pos, layers, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
         ax.set_xlabel("layer")
@@ -370,31 +398,32 @@ def run(args: argparse.Namespace) -> int:
     plans: dict[str, dict[str, Any]] = {}
     files = []
     for case in cases:
-        text = [f"== {case.title}: {case.net.num_params():,} parameters, batch "
-                f"{'x'.join(map(str, case.x.shape))}"]
-        model: dict[str, Any] = {"title": case.title, "parameters": case.net.num_params(),
+        head = (f"{case.title} ({case.detail}): {case.net.num_params():,} parameters, "
+                f"analysed on a {'x'.join(map(str, case.x.shape))} batch")
+        model: dict[str, Any] = {"title": case.title, "detail": case.detail,
+                                 "parameters": case.net.num_params(),
                                  "batch": list(case.x.shape), "runs": []}
         if case.labels is not None:
             model["float_accuracy"] = _accuracy(case.net(case.held_out), case.labels)
-        reports, comparisons = {}, {}
+        reports, comparisons, blocks = {}, {}, []
         for b in bits:
-            reports[b], comparisons[b], run_doc, lines = _analyse(
+            reports[b], comparisons[b], run_doc, more = _analyse(
                 case, b, samples, probes, args.seed)
             model["runs"].append(run_doc)
-            text += ["", *lines]
-        plan, model["allocation"], lines = _allocate(case, args.target_sqnr, args.seed)
-        text += ["", *lines]
+            blocks += more
+        plan, model["allocation"], more = _allocate(case, args.target_sqnr, args.seed)
+        blocks += more
         if plan is not None:
             plans[case.key] = model["allocation"]
-        print("\n".join(text) + "\n", flush=True)
+        print("\n".join([f"== {head}", *_render(blocks, markdown=False)]) + "\n", flush=True)
         names = [f"{case.key}-budget.png", f"{case.key}-growth.png"]
         _budget_figure(case, reports, out / names[0])
         _growth_figure(case, comparisons, out / names[1])
         files += names
         model["figures"] = names
         doc["models"][case.key] = model
-        md += [f"## {case.key}", "", "```", *text, "```", "",
-               *(f"![{n}]({n})" for n in names), ""]
+        md += [f"## {case.key}", "", head, "", *(f"![{n}]({n})" for n in names),
+               *_render(blocks, markdown=True)]
         for b, comparison in comparisons.items():
             md += [f"Per node at W{b}A{b}: exact, first and second order, analytic (noise "
                    f"model) and Monte Carlo RMS error:", "", "```", comparison.table(), "```",
