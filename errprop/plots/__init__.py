@@ -1,0 +1,46 @@
+"""Paper-ready figures of errprop's results (matplotlib).
+
+Every plotting function takes ``ax=None`` and returns the Axes it drew into; without
+``ax`` it makes a new figure in the paper style (single column unless a :func:`style`
+block is active). Nothing here calls ``plt.show()`` or changes rcParams outside
+:func:`style`. :func:`save` writes PDF and PNG atomically and reproducibly::
+
+    import errprop.plots as epp
+
+    with epp.style("double"):
+        ax = epp.error_growth(report, mc)
+    epp.save(ax, "figures/growth")        # figures/growth.pdf and figures/growth.png
+
+=====================  =======================================================
+function               figure
+=====================  =======================================================
+:func:`budget_bars`    error budget per layer, stacked by source kind
+:func:`error_growth`   RMS error node by node: exact, analytic band, Monte Carlo
+:func:`parity`         analytic against Monte Carlo (per node or per element)
+:func:`bits_sweep`     output SQNR or MSE against bits, 6.02 dB/bit reference
+:func:`sensitivity`    MLP versus attention (:func:`errprop.compare_blocks`)
+:func:`error_histogram` Monte Carlo output errors with the analytic Gaussian
+:func:`bit_allocation` bits per layer and predicted contribution, vs uniform
+=====================  =======================================================
+"""
+
+from ._budgets import bit_allocation, budget_bars
+from ._errors import error_growth, error_histogram, parity
+from ._style import KINDS, PALETTE, paper_style, rcparams, save, style
+from ._sweeps import bits_sweep, sensitivity
+
+__all__ = [
+    "KINDS",
+    "PALETTE",
+    "bit_allocation",
+    "bits_sweep",
+    "budget_bars",
+    "error_growth",
+    "error_histogram",
+    "paper_style",
+    "parity",
+    "rcparams",
+    "save",
+    "sensitivity",
+    "style",
+]
