@@ -30,6 +30,8 @@ from ._quant import ErrorModel, Fixed, FixedGrid, Quantizer, Uniform, UniformGri
 from ._gpfq import alphabet_step, gpfq, gpfq_config, spfq
 from ._float import FloatFormat, MXFormat
 from ._hwgap import IntegerKernel, accumulator_bits
+from ._wage import (WAGE, GradientError, GradientErrorRow, ShiftQuantizer, gradient_error,
+                    smoothed_sr_variance)
 from ._compare import Comparison, ComparisonRow
 from ._probes import NodeStatistics
 from ._report import NodeResult, Report, SourceResult, relative_residual, sqnr_db
@@ -58,6 +60,8 @@ __all__ = [
     "ErrorModel",
     "FloatFormat",
     "Fixed",
+    "GradientError",
+    "GradientErrorRow",
     "FixedGrid",
     "IntegerKernel",
     "LayerSplit",
@@ -100,6 +104,10 @@ __all__ = [
     "from_onnx",
     "from_sklearn",
     "from_torch",
+    "gradient_error",
+    "ShiftQuantizer",
+    "smoothed_sr_variance",
+    "WAGE",
     "gpfq",
     "gpfq_config",
     "mlp",
