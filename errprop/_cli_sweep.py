@@ -73,7 +73,10 @@ def _label(row: dict[str, Any]) -> str:
     bits = " ".join(f"{k[0].upper()}{row[k]}" for k in ("weights", "activations", "biases",
                                                           "input", "norms", "embeddings")
                     if row[k] is not None)
-    return f"{row['model']} {bits or 'float'} {row['granularity']} seed={row['seed']}"
+    other = "".join(f" {k}={row[k]}" for k in ("group_size", "symmetric", "rounding", "clip",
+                                                 "scale") if row[k] != DEFAULTS[k])
+    mc = f" mc={row['mc_samples']}" if row["mc_samples"] else ""
+    return f"{row['model']} {bits or 'float'} {row['granularity']}{other}{mc} seed={row['seed']}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
                               "'dask[distributed]'") from None
         if args.dask == "local":
             cluster = LocalCluster(n_workers=args.workers or os.cpu_count(),
-                                   threads_per_worker=1, dashboard_address=None)
+                                   threads_per_worker=1, dashboard_address=":0")
             with cluster, Client(cluster) as client:
                 result = sweep(**options, executor=client.get_executor())
         else:

@@ -132,6 +132,9 @@ def sweep(models: Mapping[str, Mapping[str, Any] | str],
         :data:`RESULTS`. A configuration that raises becomes a row with ``status="error"``
         and the message; the sweep goes on.
     """
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):
+        raise ValueError(f"sweep: workers must be a positive int, got {workers!r}")
     if parquet:
         importlib.import_module("pyarrow")  # fail now, not after the sweep
     tasks = _tasks(models, grid, seeds, mse_work_limit, Path(root or os.getcwd()).resolve())

@@ -99,12 +99,16 @@ def _need_distributed():
 @pytest.fixture
 def dask_client():
     distributed = _need_distributed()
+    # ":0": any free port, so a dashboard already on 8787 (another cluster) is no conflict
     with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                                  dashboard_address=None) as cluster, \
+                                  dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as client:
         yield client
 
 
+# a busy machine makes dask say so; any other warning still fails the test
+@pytest.mark.filterwarnings(
+    "ignore:Creating scratch directories is taking a surprisingly long time:UserWarning")
 def test_dask_cluster_matches_serial(serial, dask_client, tmp_path):
     on_dask = ep.sweep(MODELS, GRID, seeds=SEEDS, out=tmp_path,
                        executor=dask_client.get_executor())
@@ -211,6 +215,8 @@ def test_cache_key_and_validation(tmp_path):
         ep.sweep({"m": {"builder": "mpl"}}, workers=1)
     with pytest.raises(ValueError, match="exactly one of 'builder' or 'path'"):
         ep.sweep({"m": {"args": {}}}, workers=1)
+    with pytest.raises(ValueError, match="workers must be a positive int, got 0"):
+        ep.sweep({"mlp": MODELS["mlp"]}, workers=0)
     import fcntl
     with open(tmp_path / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -302,3 +308,18 @@ def test_docs_spec_is_valid(tmp_path):
     tasks = _tasks(spec["models"], spec["grid"], spec["seeds"], spec["mse_work_limit"],
                    tmp_path)
     assert len(tasks) == 3 * (3 * 2 + 2) * 3
+
+
+def test_parquet(tmp_path):
+    """rows.parquet holds the CSV's rows; without pyarrow the sweep refuses before running."""
+    models = {"mlp": MODELS["mlp"]}
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        with pytest.raises(ImportError, match="pyarrow"):
+            ep.sweep(models, {"weights": [8, 4]}, out=tmp_path / "out", workers=1, parquet=True)
+        assert not (tmp_path / "out").exists()
+        return
+    result = ep.sweep(models, {"weights": [8, 4]}, out=tmp_path, workers=1, parquet=True)
+    table = pq.read_table(tmp_path / "rows.parquet").to_pylist()
+    assert _strip(table) == _strip(result.rows)
