@@ -30,6 +30,8 @@ from ._quant import ErrorModel, Fixed, FixedGrid, Quantizer, Uniform, UniformGri
 from ._gpfq import alphabet_step, gpfq, gpfq_config, spfq
 from ._float import FloatFormat, MXFormat
 from ._hwgap import IntegerKernel, accumulator_bits
+from ._robustness import (BitCurve, BitCurveRow, QuantizationPenalty, ThresholdRow,
+                          ThresholdWeights, bit_curve, threshold_weights)
 from ._wage import (WAGE, GradientError, GradientErrorRow, ShiftQuantizer, gradient_error,
                     smoothed_sr_variance)
 from ._compare import Comparison, ComparisonRow
@@ -49,6 +51,8 @@ __all__ = [
     "Activation",
     "Allocation",
     "Attention",
+    "BitCurve",
+    "BitCurveRow",
     "Budget",
     "BudgetRow",
     "BudgetMatrix",
@@ -79,6 +83,7 @@ __all__ = [
     "Op",
     "OutputStatistics",
     "QuantConfig",
+    "QuantizationPenalty",
     "Quantizer",
     "RMSNorm",
     "Report",
@@ -91,6 +96,8 @@ __all__ = [
     "SplitRow",
     "SweepResult",
     "SourceResult",
+    "ThresholdRow",
+    "ThresholdWeights",
     "Uniform",
     "UniformGrid",
     "accumulator_bits",
@@ -117,6 +124,7 @@ __all__ = [
     "sqnr_db",
     "transformer",
     "transformer_block",
+    "bit_curve",
     "budget",
     "budget_matrix",
     "layer_split",
@@ -130,5 +138,6 @@ __all__ = [
     "sweep",
     "sensitivity_network",
     "spfq",
+    "threshold_weights",
     "tokenize",
 ]

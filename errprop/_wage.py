@@ -19,7 +19,8 @@ Scope and conventions
 ---------------------
 * The network is a plain ``Sequential`` of ``Linear`` layers, each optionally followed by
   elementwise ``Activation`` s (no residuals, attention or norms), on inputs
-  ``(batch, features)``.
+  ``(batch, features)``. With the cross-entropy loss a final ``Softmax`` node is folded
+  into the loss (the loss takes the logits).
 * One forward pass is shared: every Linear uses ``Q_W(W)`` and ``Q_A(a)`` (round to
   nearest, deterministic). The analysis is of the *backward* arithmetic on that forward.
 * ``e_l = ∂L/∂z_l`` is the error at the output ``z_l`` of Linear ``l``. The quantized
@@ -54,7 +55,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import special
 
-from ._activation import Activation
+from ._activation import Activation, Softmax
 from ._graph import Sequential
 from ._linear import Linear
 from ._op import Array
@@ -203,12 +204,17 @@ class _Layer:
     slope: Array  # f'(z) of the activations after this layer (1 when none)
 
 
-def mlp_layers(net: Sequential, what: str) -> list[tuple[str, Linear, list[Activation]]]:
-    """``[(name, Linear, [activations after it])]`` or a clear error for other graphs."""
+def mlp_layers(net: Sequential, what: str, *, softmax_last: bool = False
+               ) -> list[tuple[str, Linear, list[Activation]]]:
+    """``[(name, Linear, [activations after it])]`` or a clear error for other graphs.
+    ``softmax_last``: a final Softmax node is allowed and left out (folded into a loss)."""
     if not isinstance(net, Sequential):
         raise TypeError(f"{what}: net must be an errprop.Sequential, got {type(net).__name__}")
     out: list[tuple[str, Linear, list[Activation]]] = []
-    for info in net.nodes():
+    nodes = net.nodes()
+    if softmax_last and nodes and isinstance(nodes[-1].node, Softmax):
+        nodes = nodes[:-1]
+    for info in nodes:
         node = info.node
         if isinstance(node, Linear):
             out.append((info.name, node, []))
@@ -227,7 +233,7 @@ def mlp_layers(net: Sequential, what: str) -> list[tuple[str, Linear, list[Activ
 def _forward(net: Sequential, x: Array, config: WAGE) -> tuple[list[_Layer], Array]:
     qw, qa = config.quantizer("w"), config.quantizer("a")
     layers, h = [], x
-    for name, lin, acts in mlp_layers(net, "gradient_error"):
+    for name, lin, acts in mlp_layers(net, "gradient_error", softmax_last=True):
         W = lin.params["W"]
         Wq = W if qw is None else qw.fit(W).quantize(W)
         aq = h if qa is None else qa.fit(h).quantize(h)
@@ -391,7 +397,7 @@ def gradient_error(net: Sequential, x: object, target: object, config: WAGE | No
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) \
             or samples < 0 or samples == 1:
         raise ValueError(f"gradient_error: samples must be 0 or an integer >= 2, got {samples!r}")
-    mlp_layers(net, "gradient_error")
+    mlp_layers(net, "gradient_error", softmax_last=loss == "cross_entropy")
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"gradient_error: x must be (batch, features), got shape {x.shape}")
