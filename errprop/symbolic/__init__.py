@@ -9,12 +9,33 @@
 Import it explicitly (``import errprop.symbolic``); ``import errprop`` does not load sympy.
 """
 
+from ._depth import Accumulation, accumulation, depth_exponent
 from ._forwards import SYMBOLIC_ACTIVATIONS, symbolic_forward
+from ._meanfield import (ARCHITECTURES, ClosedForm, MeanField, attention_p2, closed_form,
+                         constants, evaluate_closed_form, gaussian_moments, mean_field,
+                         relative_weight_noise, tanh_fixed_point)
 from ._recursion import Apply, Curvature, Equation, Recursion, recursion
 from ._rules import RuleCheck, RuleReport, SymbolicOp, builtin_cases, verify_rules
+from ._simulate import random_network, simulate
 from ._tape import Tape, directional_derivative, elementwise, symbols
 
 __all__ = [
+    "ARCHITECTURES",
+    "Accumulation",
+    "ClosedForm",
+    "MeanField",
+    "accumulation",
+    "attention_p2",
+    "closed_form",
+    "constants",
+    "depth_exponent",
+    "evaluate_closed_form",
+    "gaussian_moments",
+    "mean_field",
+    "random_network",
+    "relative_weight_noise",
+    "simulate",
+    "tanh_fixed_point",
     "Apply",
     "Curvature",
     "Equation",
