@@ -564,7 +564,9 @@ def _monte_carlo(layers: Sequence[_Layer], eL: Array, grads: dict[str, Array],
     s1 = {L.name: np.zeros_like(grads[L.name]) for L in layers}
     s2 = {L.name: np.zeros_like(grads[L.name]) for L in layers}
     per = {L.name: np.empty(samples) for L in layers}
-    chunk = max(1, min(samples, int(2 ** 26 // max(eL.size * 8, 1))))
+    # a few live arrays of the largest per-sample size (an error or a gradient) under 2^28 B
+    per_sample = max(max(L.a.shape[0] * L.W.shape[0], L.W.size, L.a.size) for L in layers)
+    chunk = max(1, min(samples, int(2 ** 28 // (8 * 4 * per_sample))))
     for start in range(0, samples, chunk):
         S = min(chunk, samples - start)
         e = np.broadcast_to(eL, (S, *eL.shape))
