@@ -44,7 +44,11 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.Ar
 
 
 def _cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """One table cell: one line, with the characters Markdown would interpret escaped."""
+    text = " ".join(str(text).split())
+    for char, escaped in (("|", "\\|"), ("*", "\\*"), ("<", "&lt;"), (">", "&gt;")):
+        text = text.replace(char, escaped)
+    return text
 
 
 def _argument(action: argparse.Action) -> str:
@@ -97,8 +101,8 @@ def _usage(parser: argparse.ArgumentParser) -> str:
 def _section(name: str, parser: argparse.ArgumentParser, summary: str) -> list[str]:
     lines = [f"## `errprop {name}`", "", f"{summary[:1].upper()}{summary[1:]}.", "",
              "```", _usage(parser), "```", ""]
-    if parser.description:
-        lines += [parser.description.strip(), ""]
+    if parser.description:  # as --help prints it (argparse text, not Markdown)
+        lines += ["```text", parser.description.strip(), "```", ""]
     positionals = [a for a in parser._actions if not a.option_strings]
     options = [a for a in parser._actions
                if a.option_strings and not isinstance(a, argparse._HelpAction)]
