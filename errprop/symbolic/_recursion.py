@@ -23,10 +23,8 @@ against sympy by :func:`verify_rules`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 import sympy as sp
 from sympy import Basic, MatrixSymbol
 from sympy.matrices.expressions import MatrixExpr
@@ -36,54 +34,10 @@ from .._graph import Sequential, check_input, walk
 from .._linear import Linear
 from .._op import Array, Op
 from .._report import Report
-from ._forwards import SYMBOLIC_ACTIVATIONS
+from ._evaluate import Evaluator, forward_values
+from ._matexpr import Apply, Curvature, Half
 
 _GREEK = {"gamma": r"\gamma", "beta": r"\beta"}
-_NAMES = {"LayerNorm": "LayerNorm", "RMSNorm": "RMSNorm"}
-
-
-class Apply(MatrixExpr):
-    """An opaque linear map applied to an argument: ``J[v]`` (a column vector)."""
-
-    def __new__(cls, J: MatrixSymbol, arg: MatrixExpr) -> Apply:
-        return Basic.__new__(cls, J, arg)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.args[0].shape[0], 1)
-
-    def _latex(self, printer) -> str:
-        return rf"{printer._print(self.args[0])}\left[{printer._print(self.args[1])}\right]"
-
-
-class Curvature(MatrixExpr):
-    """``½ D²f_l[(a, Δθ…), (a, Δθ…)]``: the second-order Taylor term of an opaque op."""
-
-    def __new__(cls, D: MatrixSymbol, *args: MatrixExpr) -> Curvature:
-        return Basic.__new__(cls, D, *args)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.args[0].shape[0], 1)
-
-    def _latex(self, printer) -> str:
-        inner = ", ".join(printer._print(a) for a in self.args[1:])
-        return (rf"\tfrac{{1}}{{2}}\,{printer._print(self.args[0])}\left[({inner})^{{\otimes 2}}"
-                r"\right]")
-
-
-class Half(MatrixExpr):
-    """``½ A`` printed as ``\tfrac{1}{2} A``."""
-
-    def __new__(cls, arg: MatrixExpr) -> Half:
-        return Basic.__new__(cls, arg)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.args[0].shape
-
-    def _latex(self, printer) -> str:
-        return rf"\tfrac{{1}}{{2}}\, {printer._print(self.args[0])}"
 
 
 def _tex(name: str) -> str:
@@ -170,8 +124,8 @@ class Recursion:
             raise ValueError("this recursion has no second-order equations: build it with "
                              "recursion(net, second_order=True)")
         x = check_input(self.net, x)
-        values = _forward_values(self.net, x)
-        ev = _Evaluator(self.bindings, values, report, dict(self.net.layers()))
+        values = forward_values(self.net, x)
+        ev = Evaluator(self.bindings, values, report, dict(self.net.layers()))
         out: dict[str, Array] = {}
         for eq in self.equations:
             if eq.order <= order:
@@ -356,157 +310,3 @@ def recursion(net: Sequential, second_order: bool = False) -> Recursion:
     out = walk(net, state, builder)
     return Recursion(net, builder.equations, builder.definitions, out, second_order,
                      builder.names, builder.bindings)
-
-
-# ---------------------------------------------------------------------- evaluation
-class _Values:
-    def __init__(self) -> None:
-        self.nodes: dict[str, Array] = {}
-        self.inputs: dict[str, Array] = {}
-
-    def leaf(self, name, op, s):
-        x, _ = s
-        y = op.forward(x)
-        self.inputs[name] = x
-        self.nodes[name] = y
-        return y, name
-
-    def residual(self, name, skip, branch):
-        y = skip[0] + branch[0]
-        self.nodes[name] = y
-        return y, name
-
-
-def _forward_values(net: Sequential, x: Array) -> _Values:
-    values = _Values()
-    values.nodes["input"] = x
-    walk(net, (x, "input"), values)
-    return values
-
-
-@dataclass
-class _Derivatives:
-    """``f'`` and ``f''`` of each activation, derived by sympy and lambdified."""
-
-    cache: dict[tuple[str, int], Callable] = field(default_factory=dict)
-
-    def __call__(self, kind: str, order: int) -> Callable[[Array], Array]:
-        if (kind, order) not in self.cache:
-            z = sp.Symbol("z", real=True)
-            expr = sp.diff(SYMBOLIC_ACTIVATIONS[kind](z), z, order)
-            f = sp.lambdify(z, expr, modules=["numpy", "scipy"])
-            self.cache[kind, order] = lambda a, f=f: np.broadcast_to(f(a), a.shape) * 1.0
-        return self.cache[kind, order]
-
-
-_DERIVATIVES = _Derivatives()
-
-
-class _Evaluator:
-    def __init__(self, bindings: Mapping[Basic, tuple], values: _Values, report: Report,
-                 ops: Mapping[str, Op]) -> None:
-        self.bindings, self.values, self.report, self.ops = bindings, values, report, ops
-        self.delta: dict[Basic, Array | None] = {}
-
-    def total(self, terms: list[MatrixExpr], like: Array) -> Array:
-        acc = np.zeros_like(like)
-        for t in terms:
-            v = self.eval(t)
-            if v is not None:
-                acc = acc + v
-        return acc
-
-    def source(self, name: str) -> Array | None:
-        src = self.report.sources.get(name)
-        return None if src is None else src.error
-
-    def eval(self, e: Basic) -> Array | None:  # None: exactly zero
-        if isinstance(e, sp.ZeroMatrix):
-            return None
-        if isinstance(e, MatrixSymbol):
-            return self.symbol(e)
-        if isinstance(e, sp.MatAdd):
-            parts = [v for v in map(self.eval, e.args) if v is not None]
-            return sum(parts[1:], parts[0]) if parts else None
-        if isinstance(e, sp.MatMul):
-            coeff, mats = e.as_coeff_matrices()
-            acc = self.eval(mats[-1])
-            for m in reversed(mats[:-1]):
-                if acc is None:
-                    return None
-                binding = self.bindings.get(m)
-                if binding is not None and binding[0] == "jac":  # an opaque Jacobian J_l v
-                    op, x, y = self._op_at(binding[1])
-                    acc = op.jvp(x, y, acc, {})
-                    continue
-                M = self.eval(m)
-                if M is None:
-                    return None
-                acc = acc @ M.T  # column convention W v  ==  row layout v Wᵀ
-            return None if acc is None else float(coeff) * acc
-        if isinstance(e, sp.HadamardProduct):
-            acc = 1.0
-            for a in e.args:
-                v = self.eval(a)
-                if v is None:
-                    return None
-                acc = acc * v
-            return acc
-        if isinstance(e, sp.HadamardPower):
-            v = self.eval(e.base)
-            return None if v is None else v ** int(e.exp)
-        if isinstance(e, Half):
-            v = self.eval(e.args[0])
-            return None if v is None else 0.5 * v
-        if isinstance(e, Apply):
-            return self.apply(e)
-        if isinstance(e, Curvature):
-            return self.curvature(e)
-        raise TypeError(f"cannot evaluate {type(e).__name__}: {e}")
-
-    def symbol(self, s: MatrixSymbol) -> Array | None:
-        b = self.bindings[s]
-        if b[0] == "value":
-            return self.values.nodes[b[1]]
-        if b[0] == "delta":
-            return self.delta[s]
-        if b[0] == "source":
-            return self.source(b[1])
-        if b[0] == "param":
-            return self.ops[b[1]].params[b[2]]
-        if b[0] in ("d1", "d2"):
-            return _DERIVATIVES(b[2], 1 if b[0] == "d1" else 2)(self.values.inputs[b[1]])
-        if b[0] == "jac":
-            raise TypeError(f"the opaque Jacobian {s} is only evaluated applied to a vector")
-        raise KeyError(b)
-
-    def _op_at(self, layer: str) -> tuple[Op, Array, Array]:
-        return self.ops[layer], self.values.inputs[layer], self.values.nodes[layer]
-
-    def apply(self, e: Apply) -> Array | None:
-        J, arg = e.args
-        _, layer, key = self.bindings[J]
-        op, x, y = self._op_at(layer)
-        v = self.eval(arg)
-        if v is None:
-            return None
-        return op.jvp(x, y, v, {}) if key is None else op.jvp(x, y, None, {key: v})
-
-    def curvature(self, e: Curvature) -> Array | None:
-        D, *args = e.args
-        _, layer, keys = self.bindings[D]
-        op, x, y = self._op_at(layer)
-        a = None
-        dps = {}
-        for arg in args:
-            v = self.eval(arg)
-            binding = self.bindings.get(arg)
-            if binding is not None and binding[0] == "source" and binding[1].rsplit(".", 1)[-1] \
-                    in keys and binding[1].rsplit(".", 1)[0] == layer:
-                if v is not None:
-                    dps[binding[1].rsplit(".", 1)[-1]] = v
-            elif v is not None:
-                a = v
-        if a is None and not dps:
-            return None
-        return op.jvp2(x, y, a, None, dps)

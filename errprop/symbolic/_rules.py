@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -283,5 +283,3 @@ def _case_for(op: Op, rng: np.random.Generator) -> SymbolicOp:
     x = _away_from_zero(rng, shape) if isinstance(op, Activation) else rng.standard_normal(shape)
     return SymbolicOp(op, x)
 
-
-_ = (Mapping, Linear, LayerNorm, RMSNorm, L2Normalize, MeanPool, Softmax)  # documented types
