@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ._cli_types import number
 from ._allocate import COSTS, plan_bits
 from ._analysis import analyze
 from ._budget import COLUMNS
@@ -134,14 +135,7 @@ def run_allocate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+_positive = number(float, low=0, above=True, what="a positive number")
 
 
 def add_parsers(sub: Any, bits_type: Any) -> None:

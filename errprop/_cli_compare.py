@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
+from ._cli_types import number
 from ._files import write_text
 from ._sensitivity import BLOCKS, FORMATS, compare_blocks
 
@@ -30,24 +30,8 @@ resid 1st / resid 2nd. --out writes every column (CSV and JSON).
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
+_positive_int = number(int, low=1, what="a positive integer")
+_positive_float = number(float, low=0, above=True, what="a positive number")
 
 
 def add_parser(sub: Any, bits_type: Any) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ._cli_types import number
 from ._allocate import Allocation, plan_bits
 from ._analysis import analyze
 from ._builders import mlp, transformer
@@ -441,34 +442,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"Monte Carlo needs at least 2 samples, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a seed is a whole number >= 0, got {text!r}")
-    return value
-
-
-def _sqnr(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of dB, got {text!r}") from None
-    if not 0 < value <= 100:
-        raise argparse.ArgumentTypeError(f"the target SQNR must be in (0, 100] dB, got {text}")
-    return value
+_positive = number(int, low=2, what="a whole number of Monte Carlo samples >= 2")
+_seed = number(int, low=0, what="a seed: a whole number >= 0")
+_sqnr = number(float, low=0, high=100, above=True, what="a target SQNR in (0, 100] dB")
 
 
 DESCRIPTION = """\

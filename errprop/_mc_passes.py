@@ -340,7 +340,6 @@ def _bytes_per_sample(net: Sequential, ref: _Reference, plan: _Plan) -> int:
     temps = 3 if plan.mode == "noise" else 6  # draws, shifted values, rounding temporaries
     worst = 0
     for name, _ in net.layers():
-        y = ref.values[name]
         cost = ref.working[name] + 2 * 8 * _TILE  # the op's forward; statistics tiles
         if name in plan.activations:
             cost += temps * item * plan.activations[name].value.size

@@ -24,7 +24,7 @@ import numpy as np
 
 from ._activation import Softmax
 from ._norm import LayerNorm, RMSNorm
-from ._onnx_graph import (UNKNOWN, Scores, SNode, Unsupported, View, canonical_const,
+from ._onnx_graph import (UNKNOWN, Heads, Scores, SNode, Unsupported, View, canonical_const,
                           check_pair, decode_heads, feature_rows, is_full)
 
 LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Gather", "Slice",
