@@ -201,9 +201,9 @@ class _Gap(Quantizer):
         self.consumer_input, self.bias, self.bits = consumer_input, bias, bits
 
     def fit(self, x: Array, *, channel_axis: int = 0, what: str = "tensor") -> GapGrid:
-        raise ValueError(f"IntegerKernel: the {self.kind} source of {what} is fitted by "
-                         f"errprop.analyze (it needs the grids of the producing layer); "
-                         f"Monte Carlo does not support hardware-gap sources yet")
+        raise ValueError(f"IntegerKernel: the {self.kind} source of {what} is fitted inside "
+                         f"errprop.analyze or errprop.monte_carlo (it needs the grids of the "
+                         f"producing layer)")
 
     def fit_in_context(self, x: Array, *, what: str,
                        fitted: Mapping[str, object]) -> GapGrid:

@@ -224,7 +224,7 @@ class _Plan:
     mode: str
     params: dict[str, dict[str, Array]]  # layer -> its parameters in the run's dtype
     at_input: _Sampler | None
-    activations: dict[str, _Sampler]
+    activations: dict[str, list[_Sampler]]  # a layer's input sources, applied in order
     param_sources: dict[str, list[_Sampler]]
     fast: dict[str, list[_OutputNoise]]
 
@@ -244,8 +244,8 @@ class _Sample:
 
     def leaf(self, name: str, op: Op, x: Array) -> Array:
         plan = self.plan
-        if name in plan.activations:
-            x = self.inject(plan.activations[name], x)
+        for src in plan.activations.get(name, ()):
+            x = self.inject(src, x)
         params = dict(plan.params[name])
         for i, src in enumerate(plan.param_sources.get(name, ())):
             # sampled parameters die with the forward call: their draw buffers are
@@ -286,13 +286,27 @@ class _Sample:
                              f"NaN/Inf; the perturbed network overflows here")
 
 
+class _Fitted:
+    """A fitted source as ``Quantizer.fit_in_context`` sees it: grid, value, and (computed
+    on demand, seeded per source for stochastic rounding) the error of quantizing it."""
+
+    def __init__(self, grid, value: Array, key: int) -> None:
+        self.grid, self.value, self._key = grid, value, key
+
+    @property
+    def error(self) -> Array:
+        rng = np.random.default_rng(self._key)
+        return self.grid.quantize(self.value, rng=rng) - self.value
+
+
 def _make_plan(net: Sequential, x: Array, ref: _Reference, sources: list[Source], mode: str,
                dtype: np.dtype, weight_noise: str) -> _Plan:
     """Fit every grid exactly as ``analyze`` does and prepare its sampler."""
     ops = dict(net.layers())
     params = {name: {k: v.astype(dtype) for k, v in op.params.items()} for name, op in ops.items()}
     at_input = None
-    activations: dict[str, _Sampler] = {}
+    activations: dict[str, list[_Sampler]] = {}
+    fitted: dict[str, _Fitted] = {}  # what fit_in_context sees (like analyze's results)
     param_sources: dict[str, list[_Sampler]] = {}
     fast: dict[str, list[_OutputNoise]] = {}
     coarse: list[tuple[str, float]] = []
@@ -302,17 +316,20 @@ def _make_plan(net: Sequential, x: Array, ref: _Reference, sources: list[Source]
             grid = src.quantizer.fit(x, channel_axis=-1, what="the network input")
         elif src.kind == "activation":
             value = ref.inputs[src.layer]
-            grid = src.quantizer.fit(value, channel_axis=-1, what=f"the input of {src.layer!r}")
+            grid = src.quantizer.fit_in_context(value, what=f"the input of {src.layer!r}",
+                                                fitted=fitted)
         else:
             value = ops[src.layer].params[src.param]
             grid = src.quantizer.fit(value, channel_axis=0, what=f"parameter {src.name!r}")
+        fitted[src.name] = _Fitted(grid, value, key)
         peak = float(np.max(np.abs(value)))
         if peak > 0:
             coarse.append((src.name, float(np.min(grid.scale)) / peak))
         if src.kind == "input":
             at_input = _sampler(key, src, value, grid, mode, dtype)
         elif src.kind == "activation":
-            activations[src.layer] = _sampler(key, src, value, grid, mode, dtype)
+            activations.setdefault(src.layer, []).append(
+                _sampler(key, src, value, grid, mode, dtype))
         else:
             op = ops[src.layer]
             noise = None
@@ -341,8 +358,8 @@ def _bytes_per_sample(net: Sequential, ref: _Reference, plan: _Plan) -> int:
     worst = 0
     for name, _ in net.layers():
         cost = ref.working[name] + 2 * 8 * _TILE  # the op's forward; statistics tiles
-        if name in plan.activations:
-            cost += temps * item * plan.activations[name].value.size
+        for src in plan.activations.get(name, ()):
+            cost += temps * item * src.value.size
         cost += temps * item * sum(s.value.size for s in plan.param_sources.get(name, ()))
         cost += sum(item * (f.US.shape[1] + 2 * f.US.shape[0]) * f.sigma.size
                     for f in plan.fast.get(name, ()))
