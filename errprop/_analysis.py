@@ -78,8 +78,7 @@ class _Propagate:
                     x, what=f"the input of {name!r}",
                     fitted=ChainMap(self.activation_results, self.fitted))
                 q_float = grid.quantize(x, rng=self.rng)
-                self.activation_results[src.name] = SourceResult(
-                    src, q_float - x, grid.error_model(x), grid, x)
+                self.activation_results[src.name] = SourceResult(src, q_float - x, grid, x)
                 xq = grid.quantize(xq, rng=self.rng)
                 keys.append(src.name)
                 dx = _stack(dx, q_float - x)
@@ -164,14 +163,14 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
         qp = grid.quantize(p, rng=rng)
         qparams.setdefault(src.layer, {})[src.param] = qp
         dparams[src.name] = qp - p
-        results[src.name] = SourceResult(src, qp - p, grid.error_model(p), grid, p)
+        results[src.name] = SourceResult(src, qp - p, grid, p)
 
     state = _State(x, x, [], None)
     if sources and sources[0].kind == "input":
         src = sources[0]
         grid = src.quantizer.fit(x, channel_axis=-1, what="the network input")
         xq = grid.quantize(x, rng=rng)
-        results[src.name] = SourceResult(src, xq - x, grid.error_model(x), grid, x)
+        results[src.name] = SourceResult(src, xq - x, grid, x)
         state = _State(x, xq, [src.name], (xq - x)[None])
 
     interp = _Propagate(by_layer, qparams, dparams, rng, results)

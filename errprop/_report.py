@@ -90,20 +90,31 @@ class NodeResult:
         return sqnr_db(self.value, self.exact)
 
 
-@dataclass(frozen=True)
 class SourceResult:
     """One error source: what it is, the error it injected and its model.
 
     ``error`` is ``Q(v) − v`` for the quantized tensor ``v`` (for activation
-    sources, ``v`` is the float activation); ``model`` its per-element error
-    model; ``grid`` the fitted quantization grid; ``value`` the tensor ``v``.
+    sources, ``v`` is the float activation); ``grid`` the fitted quantization grid;
+    ``value`` the tensor ``v``; ``model`` its per-element error model,
+    ``grid.error_model(v)``, computed on first use (only statistics, bounds and probes
+    need it, and it costs several full-size arrays per source).
     """
 
-    source: Source
-    error: Array
-    model: ErrorModel
-    grid: UniformGrid
-    value: Array
+    __slots__ = ("source", "error", "grid", "value", "_model")
+
+    def __init__(self, source: Source, error: Array, grid: UniformGrid, value: Array,
+                 model: ErrorModel | None = None) -> None:
+        self.source, self.error, self.grid, self.value = source, error, grid, value
+        self._model = model
+
+    @property
+    def model(self) -> ErrorModel:
+        if self._model is None:
+            self._model = self.grid.error_model(self.value)
+        return self._model
+
+    def __repr__(self) -> str:
+        return f"SourceResult({self.source.name!r}, {self.source.quantizer!r})"
 
     @property
     def sqnr_db(self) -> float:
