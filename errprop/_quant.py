@@ -80,6 +80,21 @@ class Quantizer(ABC):
         return self.fit(arr, channel_axis=channel_axis).quantize(arr, rng=rng)
 
 
+def round_levels(u: Array, rounding: str, rng: np.random.Generator | None,
+                 who: str = "") -> Array:
+    """``u`` (in units of the step) rounded to integers, in ``u``'s dtype: ``"nearest"``
+    (half to even, as PyTorch and IEEE), ``"floor"``, or ``"stochastic"``
+    (``floor(u + U[0, 1))``, which needs ``rng``)."""
+    if rounding == "nearest":
+        return np.rint(u)
+    if rounding == "floor":
+        return np.floor(u)
+    if rng is None:
+        raise ValueError(f"{who}stochastic rounding needs a random generator: pass rng= "
+                         f"(numpy.random.Generator) or a seed to the analysis")
+    return np.floor(u + rng.random(u.shape).astype(u.dtype, copy=False))
+
+
 @dataclass(frozen=True, eq=False)
 class UniformGrid:
     """A fitted uniform grid: ``Q(x) = s · (clip(round(x/s) + z, qmin, qmax) - z)``.
@@ -112,16 +127,7 @@ class UniformGrid:
         """Round ``x`` onto the grid (values outside the range are clipped)."""
         if self.arithmetic == "torch":
             return self._quantize_torch(x, rng)
-        u = x / self.scale
-        if self.rounding == "nearest":
-            q = np.rint(u)  # round half to even, as PyTorch and IEEE
-        elif self.rounding == "floor":
-            q = np.floor(u)
-        else:
-            if rng is None:
-                raise ValueError("stochastic rounding needs a random generator: pass rng= "
-                                 "(numpy.random.Generator) or a seed to the analysis")
-            q = np.floor(u + rng.random(u.shape))
+        q = round_levels(x / self.scale, self.rounding, rng)
         q = np.clip(q + self.zero_point, self.qmin, self.qmax)
         return (q - self.zero_point) * self.scale
 
@@ -131,16 +137,7 @@ class UniformGrid:
         #   out = (clamp(q, quant_min, quant_max) - zero_point) * scale           (to float32)
         s = np.asarray(self.scale, dtype=_F32)
         z = np.asarray(self.zero_point, dtype=_F32)
-        u = np.asarray(x, dtype=_F32) * (_F32(1.0) / s)
-        if self.rounding == "nearest":
-            q = np.rint(u)
-        elif self.rounding == "floor":
-            q = np.floor(u)
-        else:
-            if rng is None:
-                raise ValueError("stochastic rounding needs a random generator: pass rng= "
-                                 "(numpy.random.Generator) or a seed to the analysis")
-            q = np.floor(u + rng.random(u.shape).astype(_F32))
+        q = round_levels(np.asarray(x, dtype=_F32) * (_F32(1.0) / s), self.rounding, rng)
         q = np.clip(q + z, self.qmin, self.qmax)
         return ((q - z) * s).astype(np.float64)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._op import Array
-from ._quant import Quantizer, UniformGrid
+from ._quant import Quantizer, UniformGrid, round_levels
 
 SHIFTS = ("round", "ceil")
 
@@ -75,15 +75,7 @@ class ShiftQuantizer(Quantizer):
         """Quantize each slice ``x[i]`` with its own per-tensor grid (Monte Carlo samples)."""
         amax = np.max(np.abs(x.reshape(x.shape[0], -1)), axis=1)
         s = self.step(amax).reshape(-1, *([1] * (x.ndim - 1)))
-        u = x / s
-        if self.rounding == "nearest":
-            q = np.rint(u)
-        elif self.rounding == "floor":
-            q = np.floor(u)
-        else:
-            if rng is None:
-                raise ValueError("ShiftQuantizer: stochastic rounding needs rng=")
-            q = np.floor(u + rng.random(u.shape))
+        q = round_levels(x / s, self.rounding, rng, who="ShiftQuantizer: ")
         return np.clip(q, -self.qmax, self.qmax) * s
 
     def __repr__(self) -> str:

@@ -711,3 +711,15 @@ def test_asymmetric_range_near_float64_limit():
     # ... and a step whose square (the noise variance) overflows is a clear error
     with pytest.raises(ValueError, match="squared overflows float64"):
         ep.Uniform(8, symmetric=False).fit(np.array([-1e308, 0.0, 1e308]))
+
+
+def test_stochastic_rounding_without_a_generator_says_so():
+    x = np.linspace(-1, 1, 7)
+    for arithmetic in ("float64", "torch"):
+        grid = ep.Uniform(4, rounding="stochastic", arithmetic=arithmetic).fit(x)
+        with pytest.raises(ValueError, match="stochastic rounding needs a random generator"):
+            grid.quantize(x)
+        np.testing.assert_allclose(grid.quantize(x, rng=np.random.default_rng(0)), x,
+                                   atol=float(np.max(grid.scale)))
+    with pytest.raises(ValueError, match="ShiftQuantizer: stochastic rounding"):
+        ep.ShiftQuantizer(4, rounding="stochastic").quantize_stack(x[None], None)
