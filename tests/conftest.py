@@ -45,3 +45,14 @@ def minilm():
     _need("tokenizers", 'pip install -e ".[test]"')
     from errprop import minilm_path
     return minilm_path()
+
+
+@pytest.fixture
+def mlp_case(rng):
+    """A tanh MLP with W6 (per channel), A8 and b8 sources, analysed: (net, x, report)."""
+    import errprop as ep
+    net = ep.mlp([12, 48, 48, 6], "tanh", seed=3)
+    x = rng.standard_normal((64, 12))
+    config = ep.QuantConfig(weights=ep.Uniform(6, granularity="channel"),
+                            activations=ep.Uniform(8), biases=ep.Uniform(8))
+    return net, x, ep.analyze(net, x, config)

@@ -11,15 +11,6 @@ import pytest
 import errprop as ep
 
 
-@pytest.fixture
-def mlp_case(rng):
-    net = ep.mlp([12, 48, 48, 6], "tanh", seed=3)
-    x = rng.standard_normal((64, 12))
-    config = ep.QuantConfig(weights=ep.Uniform(6, granularity="channel"),
-                            activations=ep.Uniform(8), biases=ep.Uniform(8))
-    return net, x, ep.analyze(net, x, config)
-
-
 def test_single_linear_gain_is_the_mean_squared_input_norm(rng):
     """W-only noise of variance σ² per element gives Var Δy_i = σ² ‖x‖²: the output MSE per
     unit injected MSE is mean_b ‖x_b‖², and the contribution is σ² times that."""

@@ -19,15 +19,6 @@ def fake_quant(v, bits):
     return np.clip(np.round(v / s), -top, top) * s, s
 
 
-@pytest.fixture
-def mlp_case(rng):
-    net = ep.mlp([12, 48, 48, 6], "tanh", seed=3)
-    x = rng.standard_normal((64, 12))
-    config = ep.QuantConfig(weights=ep.Uniform(6, granularity="channel"),
-                            activations=ep.Uniform(8), biases=ep.Uniform(8))
-    return net, x, ep.analyze(net, x, config)
-
-
 def test_single_linear_sensitivity_and_worst_case_are_the_closed_forms(rng):
     """W noise of variance σ² = s²/12 per element: Var Δy_bi = σ² ‖x_b‖², so
     u(x) = s/√12 and c = sqrt(mean_b ‖x_b‖²); the interval bound of one Linear is the exact
