@@ -39,7 +39,7 @@ from ._probes import NodeStatistics
 from ._report import NodeResult, Report, SourceResult, relative_residual, sqnr_db
 from ._sensitivity import (NoiseGain, SensitivityResult, SensitivityRow, compare_blocks,
                            noise_gain, sensitivity_network)
-from ._statistics import OutputStatistics
+from ._statistics import OutputStatistics, StatisticsTooLarge
 from ._sweep import SweepResult, sweep
 from ._sklearn import from_sklearn
 from ._torch import from_torch
@@ -91,6 +91,7 @@ __all__ = [
     "Sequential",
     "Softmax",
     "Source",
+    "StatisticsTooLarge",
     "SensitivityResult",
     "SensitivityRow",
     "SplitRow",

@@ -89,14 +89,6 @@ def _macs(op: Op, y: Array) -> float:
     return float(per / W.shape[0] * W.size)
 
 
-def _contributions(report: Report) -> dict[str, float]:
-    """Per-source predicted output MSE (exact statistics, else the first-order energy)."""
-    try:
-        return report.mse_contributions
-    except ValueError:  # too large for exact statistics
-        return {k: float(np.mean(c ** 2)) for k, c in report.contributions.items()}
-
-
 def _prepare(net: Sequential, x: object, weights: Uniform, activations: Uniform | None,
              candidates: Iterable[int], seed: int):
     cands = sorted({int(b) for b in candidates})
@@ -113,7 +105,7 @@ def _prepare(net: Sequential, x: object, weights: Uniform, activations: Uniform 
         report = analyze(net, x, QuantConfig(weights=weights.with_bits(b),
                                              activations=activations), seed=seed)
         reports[b] = report
-        contrib = _contributions(report)
+        contrib, _ = report.predicted_mse_contributions()
         for s in report.sources.values():
             if s.kind == "weight":
                 table.setdefault(s.source.layer, {})[b] = \

@@ -267,15 +267,10 @@ def budget(net: Sequential, x: object, report: Report, *, by: str = "layer",
     if by not in ("layer", "source"):
         raise ValueError(f"budget: by must be 'layer' or 'source', got {by!r}")
     x = np.asarray(x, dtype=np.float64)
-    try:
-        stats = report.statistics
-        method = "statistics"
-        contrib = stats.mse_contributions
-        worst = {k: float(np.max(v)) for k, v in stats.worst_contributions.items()}
-    except ValueError:  # too large for exact statistics: the actual rounding's first order
-        method = "first order"
-        contrib = {k: float(np.mean(c ** 2)) for k, c in report.contributions.items()}
-        worst = {}
+    contrib, method = report.predicted_mse_contributions()
+    worst = {}
+    if method == "statistics":
+        worst = {k: float(np.max(v)) for k, v in report.statistics.worst_contributions.items()}
     ops = dict(net.layers())
     groups: dict[str, list[SourceResult]] = {}
     for s in report.sources.values():

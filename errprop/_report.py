@@ -253,6 +253,28 @@ class Report:
         """Per-source share of the predicted MSE; sums to ``mse``."""
         return self._stats().mse_contributions
 
+    def predicted_mse(self) -> tuple[float, str]:
+        """The predicted output MSE and how it was obtained: ``(mse, "statistics")`` from
+        the exact first-order statistics, or, where those are refused as too large,
+        ``(mean(first_order²), "first order")``: the energy of the first-order error of
+        the actual rounding."""
+        from ._statistics import StatisticsTooLarge  # _statistics imports this module
+        try:
+            return self.mse, "statistics"
+        except StatisticsTooLarge:
+            return float(np.mean(self.first_order ** 2)), "first order"
+
+    def predicted_mse_contributions(self) -> tuple[dict[str, float], str]:
+        """Per-source predicted output MSE, as :meth:`predicted_mse`: exact statistics
+        (``"statistics"``), else the mean square of each source's first-order output error
+        (``"first order"``; these omit the cross terms between sources)."""
+        from ._statistics import StatisticsTooLarge
+        try:
+            return self.mse_contributions, "statistics"
+        except StatisticsTooLarge:
+            return ({k: float(np.mean(c ** 2)) for k, c in self.contributions.items()},
+                    "first order")
+
     @property
     def worst_case(self) -> Array:
         """Elementwise first-order worst case: ``max |Δy|`` over every error pattern in the

@@ -34,6 +34,10 @@ from ._op import Array, Op, Outer
 from ._quant import ErrorModel
 from ._report import SourceResult
 
+class StatisticsTooLarge(ValueError):
+    """Exact output statistics refused: their reverse sweeps would exceed the work limit."""
+
+
 #: temporaries per live element in a sweep (cotangent, its square, the parameter cotangent)
 _OVERHEAD = 4
 
@@ -118,7 +122,7 @@ def output_statistics(net: Sequential, y: Array, forward: Mapping[str, tuple[Arr
 
     work = _estimated_work(net, forward, sources, K, B)
     if work > work_limit:
-        raise ValueError(
+        raise StatisticsTooLarge(
             f"exact output statistics need one reverse sweep per output element: here "
             f"{K} outputs x {B} batch elements, about {work:.1e} multiply-adds (limit "
             f"{work_limit:.0e}). Use report.node_statistics(probes=...) for an estimate with "

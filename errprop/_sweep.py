@@ -389,12 +389,8 @@ def _compute(task: dict[str, Any]) -> dict[str, Any]:
         config = _quant_config(task["config"])
         report = analyze(net, x, config, seed=seed,
                          statistics_work_limit=task["mse_work_limit"])
-        try:
-            predicted, by = report.mse, "analytic"
-        except ValueError as exc:
-            if "statistics_work_limit" not in str(exc):
-                raise
-            predicted, by = float(np.mean(report.first_order ** 2)), "first_order_energy"
+        predicted, method = report.predicted_mse()
+        by = {"statistics": "analytic", "first order": "first_order_energy"}[method]
         results = {"status": "ok", "output_sqnr_db": report.sqnr_db,
                    "exact_mse": report.exact_mse, "predicted_mse": predicted,
                    "predicted_by": by, "first_order_residual": report.residual}

@@ -61,6 +61,13 @@ def test_budget_falls_back_to_first_order_energy_when_statistics_are_too_large(r
     want = {k: np.mean(c ** 2) for k, c in report.contributions.items()}
     assert b["fc1"].output_mse == pytest.approx(want["fc1.W"])
     assert math.isnan(b["fc1"].worst_case) and math.isnan(b["fc1"].exact_mse)
+    with pytest.raises(ep.StatisticsTooLarge, match="node_statistics"):
+        report.mse
+    assert report.predicted_mse() == (pytest.approx(np.mean(report.first_order ** 2)),
+                                      "first order")
+    full = ep.analyze(net, x, ep.QuantConfig(weights=ep.Uniform(5)))
+    assert full.predicted_mse() == (full.mse, "statistics")
+    assert full.predicted_mse_contributions() == (full.mse_contributions, "statistics")
 
 
 def test_sort_and_lookup(mlp_case):

@@ -33,10 +33,7 @@ _X_LABEL = {"bits": "input bits", "depth": "depth (blocks)",
 
 
 def _report_mse(report: Report) -> float:
-    try:
-        return report.mse
-    except ValueError:  # too large for exact statistics: the first-order energy
-        return float(np.mean(report.first_order ** 2))
+    return report.predicted_mse()[0]
 
 
 def bits_series(data: Any, metric: str = "sqnr", axis: str = "weights"
