@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from ._analysis import analyze
-from ._bert import minilm_path, tokenize
+from ._bert import encode, minilm_path
 from ._config import QuantConfig
 from ._files import write_text
-from ._io import load, mask_padding
+from ._io import load
 from ._montecarlo import monte_carlo
 from ._quant import GRANULARITIES, Uniform
 
@@ -97,8 +97,8 @@ def _batch(args: argparse.Namespace, path: Path, net: Any) -> tuple[Any, np.ndar
         if not (path.is_dir() and (path / "tokenizer.json").is_file()):
             raise ValueError(f"--sentences needs a model folder with tokenizer.json; {path} "
                              f"has none (give --input FILE.npy)")
-        ids, mask = tokenize(path, sentences, max_length=args.max_length)
-        return mask_padding(net, mask), ids, f"{len(sentences)} sentences, {ids.shape[1]} tokens"
+        net, ids = encode(net, path, sentences, max_length=args.max_length)
+        return net, ids, f"{len(sentences)} sentences, {ids.shape[1]} tokens"
     if args.input is None:
         raise ValueError("give the input batch: --input FILE.npy (or --sentences for a BERT "
                          "model)")

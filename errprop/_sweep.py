@@ -342,11 +342,9 @@ def _input(task: dict[str, Any], net: Any) -> tuple[Any, np.ndarray]:
     if "file" in given:
         return net, np.load(Path(task["root"]) / given["file"], allow_pickle=False)
     if "sentences" in given:
-        from ._bert import tokenize
-        from ._io import mask_padding
-        ids, mask = tokenize(_resolve(spec["path"], task["root"]), given["sentences"],
-                             max_length=given.get("max_length", 128))
-        return mask_padding(net, mask), ids
+        from ._bert import encode
+        return encode(net, _resolve(spec["path"], task["root"]), given["sentences"],
+                      max_length=given.get("max_length", 128))
     # a stream of its own, so the input is independent of weights drawn from the same seed
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
     return net, given.get("scale", 1.0) * rng.standard_normal(tuple(given["shape"]))
