@@ -29,7 +29,7 @@ from ._analysis import analyze
 from ._builders import mlp, transformer
 from ._compare import Comparison
 from ._config import QuantConfig
-from ._demo_figures import _allocation_figure, _budget_figure, _growth_figure, _readable
+from ._demo_figures import _allocation_figure, _budget_figure, _growth_figure
 from ._files import write_text
 from ._graph import Sequential
 from ._io import load
@@ -296,9 +296,8 @@ def run(args: argparse.Namespace) -> int:
         files.append("allocation.png")
         md += ["## allocation", "", "![allocation.png](allocation.png)", ""]
     doc["seconds"] = time.perf_counter() - start
-    _readable(write_text(out / "report.json",
-                         json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n"))
-    _readable(write_text(out / "report.md", "\n".join(md)))
+    write_text(out / "report.json", json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
+    write_text(out / "report.md", "\n".join(md))
     print(f"wrote {out}/: report.md, report.json, {', '.join(files)} "
           f"({doc['seconds']:.1f} s)")
     return 0

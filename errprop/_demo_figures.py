@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._compare import Comparison
+from ._files import make_readable
 from ._report import Report
 
 if TYPE_CHECKING:
@@ -27,20 +28,13 @@ KINDS = {"weight": ("weights (per channel)", BLUE), "bias": ("biases", SKY),
 
 
 
-def _readable(path: str | os.PathLike) -> None:
-    """The permissions of a normally created file (temporary files start private)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def _save_png(fig: Any, path: Path) -> None:
     """Write the figure whole or not at all (temporary file, then rename)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=110)
-        _readable(tmp)
+        make_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -16,7 +16,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        make_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -24,7 +24,9 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def make_readable(path: str | os.PathLike) -> None:
+    """Give a temporary file the permissions of a normally created one (``mkstemp``
+    makes it private, 0600) before it is moved into place."""
+    mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    os.chmod(path, 0o666 & ~mask)

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._files import make_readable
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -248,7 +250,7 @@ def _write_all(fig: Figure, stem: Path, formats: Sequence[str], dpi: float
         try:
             with matplotlib.rc_context({"svg.hashsalt": "errprop"}):
                 fig.savefig(tmp, format=fmt, dpi=dpi, metadata=_METADATA[fmt])
-            _readable(tmp)
+            make_readable(tmp)
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -256,9 +258,3 @@ def _write_all(fig: Figure, stem: Path, formats: Sequence[str], dpi: float
         written.append(target)
     return tuple(written)
 
-
-def _readable(path: str) -> None:
-    """The permissions of a normally created file (``mkstemp`` makes it private)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
