@@ -17,9 +17,6 @@ For every layer (or every source) of an analysed network, one row:
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -28,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ._export import csv_text, json_text
 from ._files import write_text
 from ._graph import Sequential, walk
 from ._op import Array, Op
@@ -164,37 +162,20 @@ class Budget:
         return self._write(path, "\n".join(lines) + "\n")
 
     def to_csv(self, path: str | os.PathLike | None = None) -> str:
-        buf = io.StringIO()
         records = self.records()
-        writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else list(COLUMNS),
-                                lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(records)
-        return self._write(path, buf.getvalue())
+        return self._write(path, csv_text(records, None if records else COLUMNS))
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         doc = {"by": self.by, "method": self.method, "total_output_mse": self.total_output_mse,
                "exact_output_mse": self.exact_output_mse,
                "output_sqnr_db": self.output_sqnr_db, "rows": self.records()}
-        # JSON has no NaN/inf: write null
-        text = json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n"
-        return self._write(path, text)
+        return self._write(path, json_text(doc))  # NaN/inf (JSON has neither) as null
 
     @staticmethod
     def _write(path: str | os.PathLike | None, text: str) -> str:
         if path is not None:
             write_text(path, text)
         return text
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 # ------------------------------------------------------------------ exact subsets

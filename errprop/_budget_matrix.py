@@ -28,9 +28,6 @@ The local / propagated split of each layer's error, with noise gains, is in
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -39,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from ._budget import _injected_mse, _json_safe
+from ._budget import _injected_mse
+from ._export import csv_text, json_text
 from ._files import write_text
 from ._graph import Sequential, walk
 from ._op import Array, Op
@@ -89,19 +87,6 @@ def _latex(heads: Sequence[str], cells: Sequence[Sequence[str]], left: int,
     lines += [" & ".join(esc(c) for c in row) + r" \\" for row in cells]
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
-
-
-def _csv(records: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else [],
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(records)
-    return buf.getvalue()
-
-
-def _json(doc: dict[str, Any]) -> str:
-    return json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n"
 
 
 def float_forward(net: Sequential, x: Array) -> dict[str, tuple[Array, Array]]:
@@ -266,14 +251,14 @@ class BudgetMatrix:
 
     def to_csv(self, path: str | os.PathLike | None = None) -> str:
         """Every (node, source) record, long format."""
-        return _write(path, _csv(self.records()))
+        return _write(path, csv_text(self.records()))
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         doc = {"by": self.by, "probes": self.probes, "nodes": list(self.nodes),
                "sources": list(self.sources),
                "members": {k: list(v) for k, v in self.members.items()},
                "total": self.total.tolist(), "records": self.records()}
-        return _write(path, _json(doc))
+        return _write(path, json_text(doc))
 
 
 def _shares(V: Array) -> Array:

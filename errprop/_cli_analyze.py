@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import time
 from pathlib import Path
@@ -12,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ._export import csv_text
 from ._analysis import analyze
 from ._bert import encode, minilm_path
 from ._config import QuantConfig
@@ -109,14 +108,6 @@ def _batch(args: argparse.Namespace, path: Path, net: Any) -> tuple[Any, np.ndar
     return net, x, f"input {args.input.name} {x.shape}"
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def run(args: argparse.Namespace) -> int:
     if args.mc < 0:
         raise ValueError(f"--mc must be >= 0, got {args.mc}")
@@ -159,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
         # JSON has no inf/nan: they become the strings "Infinity" / "NaN"
         doc = json.loads(json.dumps(doc, default=float), parse_constant=str)
         write_text(args.out / "report.json", json.dumps(doc, indent=1, allow_nan=False) + "\n")
-        write_text(args.out / "nodes.csv", _csv(nodes))
-        write_text(args.out / "sources.csv", _csv(sources))
+        write_text(args.out / "nodes.csv", csv_text(nodes))
+        write_text(args.out / "sources.csv", csv_text(sources))
         write_text(args.out / "report.md", f"# {title}\n\n```\n{text}\n```\n")
         print(f"wrote {args.out}/report.json, report.md, nodes.csv, sources.csv")
     return 0

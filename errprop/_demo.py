@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ._export import json_text
 from ._cli_types import number
 from ._allocate import Allocation, plan_bits
 from ._analysis import analyze
@@ -113,19 +113,6 @@ def _cases(names: list[str], seed: int) -> list[_Case]:
 
 def _accuracy(y: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(y, axis=-1) == labels))
-
-
-def _finite(v: Any) -> Any:
-    """JSON has no NaN/inf: write null."""
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    if isinstance(v, (float, np.floating)):
-        return float(v) if math.isfinite(v) else None
-    if isinstance(v, np.integer):
-        return int(v)
-    return v
 
 
 # ------------------------------------------------------------------------ analysis
@@ -296,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
         files.append("allocation.png")
         md += ["## allocation", "", "![allocation.png](allocation.png)", ""]
     doc["seconds"] = time.perf_counter() - start
-    write_text(out / "report.json", json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
+    write_text(out / "report.json", json_text(doc))
     write_text(out / "report.md", "\n".join(md))
     print(f"wrote {out}/: report.md, report.json, {', '.join(files)} "
           f"({doc['seconds']:.1f} s)")

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from ._budget import _injected_mse
-from ._budget_matrix import BudgetMatrix, _csv, _json, _latex, _markdown, _num, _text, _write
+from ._budget_matrix import BudgetMatrix, _latex, _markdown, _num, _text, _write
+from ._export import csv_text, json_text
 from ._graph import Sequential, walk
 from ._op import Array, Op
 from ._report import Report, SourceResult
@@ -123,10 +124,10 @@ class LayerSplit:
         return _write(path, _latex([h for _, h in _SPLIT], self._cells("%"), 2, caption))
 
     def to_csv(self, path: str | os.PathLike | None = None) -> str:
-        return _write(path, _csv(self.records()))
+        return _write(path, csv_text(self.records()))
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
-        return _write(path, _json({"rows": self.records()}))
+        return _write(path, json_text({"rows": self.records()}))
 
 
 def _ms(a: Array | None) -> float:

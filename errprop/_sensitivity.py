@@ -32,9 +32,6 @@ over all sequences of all seeds (a new model and new inputs per seed).
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -42,6 +39,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from ._export import csv_text, json_text
 from ._activation import Activation
 from ._analysis import analyze
 from ._attention import Attention
@@ -207,18 +205,12 @@ class SensitivityResult:
         return "\n".join(fmt.format(*line) for line in [head, *body])
 
     def to_csv(self) -> str:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=[f.name for f in fields(SensitivityRow)],
-                                lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.records())
-        return buf.getvalue()
+        return csv_text(self.records(), [f.name for f in fields(SensitivityRow)])
 
     def to_json(self) -> str:
-        doc = {"settings": self.settings, "seconds": self.seconds, "rows": self.records()}
-        # JSON has no NaN: it becomes null
-        doc = json.loads(json.dumps(doc), parse_constant=lambda _: None)
-        return json.dumps(doc, indent=1, allow_nan=False) + "\n"
+        # NaN (JSON has none) becomes null
+        return json_text({"settings": self.settings, "seconds": self.seconds,
+                          "rows": self.records()})
 
     def __str__(self) -> str:
         return self.table()
