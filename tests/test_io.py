@@ -163,3 +163,19 @@ def test_load_dispatches_torchscript_and_onnx_files(tmp_path, torch, rng):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2])], inits)
     onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
     np.testing.assert_allclose(ep.load(tmp_path / "m.onnx")(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_token_ids_are_checked_by_name(rng):
+    table = rng.standard_normal((10, 4))
+    net = ep.Sequential([ep.Embedding(table, rng.standard_normal((5, 4)), name="embed"),
+                         ep.MeanPool()])
+    with pytest.raises(ValueError, match=r"'embed'.*integers in \[0, 10\)"):
+        net(np.array([[1.5, 2.0]]))
+    with pytest.raises(ValueError, match=r"'embed'.*integers in \[0, 10\)"):
+        net(np.array([[3, 10]]))
+    with pytest.raises(ValueError, match="6 tokens, but the position table has 5 rows"):
+        net(np.zeros((1, 6)))
+    with pytest.raises(ValueError, match="input quantization does not apply.*integer ids"):
+        ep.analyze(net, np.zeros((1, 3)), ep.QuantConfig(input=ep.Uniform(8)))
+    with pytest.raises(ValueError, match="pad_id"):
+        ep.Embedding(table, pad_id=10)
