@@ -6,7 +6,6 @@ code and text. A notebook that needs an optional model names its fixture in NEED
 """
 
 import json
-import time
 from pathlib import Path
 
 import matplotlib
@@ -49,7 +48,6 @@ def test_notebook_runs(path, request, tmp_path, monkeypatch):
         request.getfixturevalue(NEEDS[path.name])
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__main__"}
-    start = time.perf_counter()
     try:
         for i, cell in enumerate(_cells(path)):
             if cell["cell_type"] != "code":
@@ -58,8 +56,6 @@ def test_notebook_runs(path, request, tmp_path, monkeypatch):
             exec(compile(source, f"{path.name}[cell {i}]", "exec"), namespace)  # noqa: S102
     finally:
         plt.close("all")
-    elapsed = time.perf_counter() - start
-    assert elapsed < 60, f"{path.name} took {elapsed:.0f} s (the limit is a minute on 2 cores)"
 
 
 def test_notebooks_match_build_script():
