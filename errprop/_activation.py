@@ -15,11 +15,24 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # a Python float keeps float32 array
 _GELU_TANH_A = 0.044715
 
 
+# Beyond |x| = 40 the Gaussian density is exactly 0 in float64 and beyond 30 tanh of the
+# GELU-tanh argument is exactly ±1: clipping there changes no float, and keeps x², x³
+# from overflowing near 1e154 (0 · inf would make the derivatives NaN)
+_GELU_CLIP = 40.0
+
+
 def _phi(x: Array) -> Array:
+    x = np.clip(x, -_GELU_CLIP, _GELU_CLIP)
     return np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
 
 
+def _gelu_d2(x: Array, y: Array) -> Array:
+    xc = np.clip(x, -_GELU_CLIP, _GELU_CLIP)
+    return _phi(xc) * (2.0 - xc * xc)
+
+
 def _gelu_tanh_parts(x: Array) -> tuple[Array, Array]:
+    x = np.clip(x, -_GELU_CLIP, _GELU_CLIP)
     u = _SQRT_2_OVER_PI * (x + _GELU_TANH_A * x**3)
     return np.tanh(u), _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_A * x * x)
 
@@ -32,7 +45,7 @@ def _gelu_tanh_d1(x: Array, y: Array) -> Array:
 def _gelu_tanh_d2(x: Array, y: Array) -> Array:
     t, du = _gelu_tanh_parts(x)
     sech2 = 1.0 - t * t
-    d2u = _SQRT_2_OVER_PI * 6.0 * _GELU_TANH_A * x
+    d2u = _SQRT_2_OVER_PI * 6.0 * _GELU_TANH_A * np.clip(x, -_GELU_CLIP, _GELU_CLIP)
     return sech2 * du + 0.5 * x * (-2.0 * t * sech2 * du * du + sech2 * d2u)
 
 
@@ -54,7 +67,7 @@ ACTIVATIONS: dict[str, _Elementwise] = {
                          lambda x, y: np.zeros_like(x), kink=0.0),
     "gelu": _Elementwise(lambda x: x * special.ndtr(x),
                          lambda x, y: special.ndtr(x) + x * _phi(x),
-                         lambda x, y: _phi(x) * (2.0 - x * x)),
+                         _gelu_d2),
     "gelu_tanh": _Elementwise(lambda x: 0.5 * x * (1.0 + _gelu_tanh_parts(x)[0]),
                               _gelu_tanh_d1, _gelu_tanh_d2),
     "tanh": _Elementwise(np.tanh, lambda x, y: 1.0 - y * y,

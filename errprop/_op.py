@@ -19,6 +19,7 @@ Carlo) are interpreters that only call these two methods.
 from __future__ import annotations
 
 import copy
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from collections.abc import Callable, Collection, Mapping
@@ -142,12 +143,10 @@ class Op(ABC):
         out = self.jvp(x, y, b, {}) if b is not None else np.zeros_like(y)
         if a is None and not dparams:
             return out
-        scale = float(np.sqrt(np.mean(x * x))) or 1.0
-        size = float(np.sqrt(np.mean(a * a))) if a is not None else 0.0
+        scale = rms(x) or 1.0
+        size = rms(a) if a is not None else 0.0
         for key, dp in dparams.items():
-            p = self.params[key]
-            size = max(size, float(np.sqrt(np.mean(dp * dp))) * scale /
-                       (float(np.sqrt(np.mean(p * p))) or 1.0))
+            size = max(size, rms(dp) * scale / (rms(self.params[key]) or 1.0))
         if size == 0.0:
             return out
         h = 1e-3 * scale / size
@@ -244,6 +243,15 @@ class Op(ABC):
     def __repr__(self) -> str:
         label = f"{self.name!r}, " if self.name else ""
         return f"{type(self).__name__}({label}{self.describe()})"
+
+
+def rms(a: Array) -> float:
+    """``sqrt(mean(a²))`` without overflow or underflow (on ``a / max|a|``): inputs near
+    ``1e300`` have a finite size and a finite difference step."""
+    m = float(np.max(np.abs(a))) if np.size(a) else 0.0
+    if m == 0.0 or not math.isfinite(m):
+        return m
+    return m * float(np.sqrt(np.mean(np.square(a / m))))
 
 
 def check_mask(mask: object, layer: str) -> Array:
