@@ -10,7 +10,9 @@ value in the message.
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Iterable
 from numbers import Integral, Real
 
 import numpy as np
@@ -94,3 +96,15 @@ def real_array(value: object, owner: str, what: str) -> Array:
         raise TypeError(f"{owner}: {what} must be a real numeric array, got "
                         f"{type(value).__name__} of dtype {arr.dtype}")
     return np.asarray(arr, dtype=np.float64)
+
+
+def check_choice(value: object, owner: str, what: str, choices: Iterable[str]) -> str:
+    """``value`` if it is one of the strings ``choices``, else a ValueError listing them
+    (with a suggestion for a near miss)."""
+    options = tuple(choices)
+    if isinstance(value, str) and value in options:
+        return value
+    close = difflib.get_close_matches(value, options, n=1) if isinstance(value, str) else []
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"{owner}: {what} must be one of {', '.join(map(repr, options))}, got "
+                     f"{_got(value)}{hint}")
