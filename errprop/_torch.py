@@ -2,11 +2,12 @@
 
 Supported: ``nn.Sequential`` (nested), ``Linear``, ``ReLU``, ``GELU`` (``approximate``
 ``'none'`` and ``'tanh'``), ``Tanh``, ``Sigmoid``, ``SiLU``, ``Softmax``, ``LayerNorm``
-(over the last axis), ``MultiheadAttention`` (self-attention), ``TransformerEncoderLayer``
-(both norm orders), ``TransformerEncoder``; ``Identity`` and ``Dropout`` are dropped
-(eval semantics). TorchScript modules (``torch.jit.script``, or ``torch.jit.load`` of a
-saved one) convert the same way through their ``original_name``; traced modules too as
-long as no attribute the conversion needs was lost in tracing.
+and ``RMSNorm`` (over the last axis), ``MultiheadAttention`` (self-attention),
+``TransformerEncoderLayer`` (both norm orders), ``TransformerEncoder``; ``Identity`` and
+``Dropout`` are dropped (eval semantics); quantized ``torch.ao`` modules are listed as
+unsupported. TorchScript modules (``torch.jit.script``, or a saved one loaded with
+``trusted=True``) convert the same way through their ``original_name``; traced modules
+too as long as no attribute the conversion needs was lost in tracing.
 
 Node names are the torch module paths: ``'0'``, ``'2.1'``, ``'layers.0.linear1'``,
 ``'layers.0.self_attn'``. errprop uses ``.`` for its scopes, so each torch container
@@ -20,8 +21,6 @@ torch is imported lazily; it is an optional extra (``pip install "errprop[torch]
 from __future__ import annotations
 
 import os
-import warnings
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,23 @@ import numpy as np
 from ._optional import optional
 from ._activation import Activation, Softmax
 from ._attention import Attention
+from ._checks import check_bool, check_int
+from ._files import MEMORY_LIMIT
 from ._graph import Residual, Sequential
 from ._linear import Linear
-from ._norm import LayerNorm
+from ._norm import LayerNorm, RMSNorm
 from ._op import Op
+from ._torch_load import load_torch_file
 
 _ELEMENTWISE = {"ReLU": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "SiLU": "silu"}
 _DROPPED = ("Identity", "Dropout")
 _BAD_NAME_CHARS = str.maketrans({c: "_" for c in "*?[]"})
+#: torch.ao's quantized, QAT and observer modules: their classes reuse float names
+#: (``Linear``) but hold packed integer weights, so they must not match the float rules
+_QUANTIZED = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic", "torch.ao.nn.qat",
+              "torch.ao.nn.quantizable", "torch.ao.nn.sparse", "torch.ao.quantization",
+              "torch.nn.quantized", "torch.nn.intrinsic", "torch.nn.qat",
+              "torch.nn.quantizable")
 
 
 def import_torch() -> Any:
@@ -46,17 +54,22 @@ def import_torch() -> Any:
     return optional("torch", feature="errprop.from_torch", extra="torch")
 
 
-def from_torch(module: Any) -> Sequential:
+def from_torch(module: Any, *, trusted: bool = False,
+               memory_limit: int = MEMORY_LIMIT) -> Sequential:
     """Convert a PyTorch module (or a TorchScript file) to an errprop network.
 
     Parameters
     ----------
     module : ``torch.nn.Module``, a TorchScript module, or a path to a ``.pt`` file.
-        A path is loaded safely: a TorchScript archive (``torch.jit.save``) with
-        ``torch.jit.load``; anything else only with ``torch.load(..., weights_only=True)``,
-        which refuses pickled modules (they can run arbitrary code when unpickled) and
-        yields at most a ``state_dict``, which has no architecture: both raise a
-        ``ValueError`` that says what to do instead.
+        A path is treated as untrusted: anything but TorchScript is read only with
+        ``torch.load(..., weights_only=True)``, which refuses pickled modules (they can run
+        arbitrary code when unpickled) and yields at most a ``state_dict``, which has no
+        architecture: both raise a ``ValueError`` that says what to do instead.
+    trusted : a TorchScript archive (``torch.jit.save``) runs the code stored in it when it
+        is loaded (its ``__setstate__`` and methods), so a path to one is refused with an
+        :class:`errprop.UntrustedCodeError` unless ``trusted=True``.
+    memory_limit : bytes; a ``.pt`` archive whose members declare more is refused before
+        torch reads it (default 4 GiB).
 
     Returns
     -------
@@ -82,10 +95,15 @@ def from_torch(module: Any) -> Sequential:
       (``torch.no_grad()``) computes the erf GELU there instead (torch 2.13).
     * ``LayerNorm(elementwise_affine=False)`` / ``bias=False`` get ``gamma = 1`` /
       ``beta = 0``; a norm quantizer represents both exactly.
+    * ``RMSNorm(eps=None)`` gets torch's default, the machine epsilon of the module's
+      weight dtype (``torch.finfo(torch.float32).eps`` for a float32 module).
     """
+    trusted = check_bool(trusted, "from_torch", "trusted")
+    memory_limit = check_int(memory_limit, "from_torch", "memory_limit", minimum=1)
     torch = import_torch()
     if isinstance(module, (str, os.PathLike)):
-        module = _load(torch, Path(module))
+        module = load_torch_file(torch, Path(module), trusted=trusted,
+                                 memory_limit=memory_limit)
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"from_torch expects a torch.nn.Module, a TorchScript module or a "
                         f"path to a .pt file, got {type(module).__name__}")
@@ -96,47 +114,9 @@ def from_torch(module: Any) -> Sequential:
                           for path, kind, why in conv.problems)
         raise ValueError(f"from_torch: {len(conv.problems)} unsupported module(s):\n{lines}\n"
                          f"Supported: Sequential, Linear, ReLU, GELU, Tanh, Sigmoid, SiLU, "
-                         f"Softmax, LayerNorm, MultiheadAttention, TransformerEncoderLayer, "
-                         f"TransformerEncoder, Identity, Dropout.")
+                         f"Softmax, LayerNorm, RMSNorm, MultiheadAttention, "
+                         f"TransformerEncoderLayer, TransformerEncoder, Identity, Dropout.")
     return Sequential(layers or [Activation("identity")])
-
-
-# ------------------------------------------------------------------ loading files
-def _is_torchscript_zip(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
-
-
-def _load(torch: Any, path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"from_torch: no such file: {path}")
-    if _is_torchscript_zip(path):
-        # torch 2.13 deprecates TorchScript; reading existing archives still works
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated",
-                                    category=DeprecationWarning)
-            return torch.jit.load(str(path), map_location="cpu")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError or RuntimeError here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(
-            f"from_torch: {path} is not a TorchScript archive, and torch.load(weights_only=True) "
-            f"refuses it ({first[:200]}). A pickled nn.Module can run arbitrary code when it is "
-            f"unpickled, so errprop does not load it. Save the model as TorchScript "
-            f"(torch.jit.save(torch.jit.script(model), path)), export it to ONNX, or build "
-            f"the module in Python and pass it to from_torch") from exc
-    if isinstance(obj, dict):
-        keys = ", ".join(list(map(str, obj))[:5]) + (" ..." if len(obj) > 5 else "")
-        raise ValueError(f"from_torch: {path} holds a state_dict ({len(obj)} entries: {keys}), "
-                         f"weights without an architecture. Build the module in Python, call "
-                         f"module.load_state_dict(torch.load(path, weights_only=True)) and pass "
-                         f"the module to from_torch")
-    raise ValueError(f"from_torch: {path} holds a {type(obj).__name__}, not a module; save the "
-                     f"model with torch.jit.save(torch.jit.script(model), path)")
 
 
 # ------------------------------------------------------------------ conversion
@@ -144,8 +124,13 @@ def _kind(torch: Any, m: Any) -> str:
     """The torch class name of ``m`` (TorchScript keeps it as ``original_name``), or a
     qualified name for classes defined outside torch (their forward is unknown)."""
     if isinstance(m, torch.jit.ScriptModule):
+        qualified = str(m._c._type().qualified_name())  # __torch__.torch.ao.nn...Linear
+        if qualified.removeprefix("__torch__.").startswith(_QUANTIZED):
+            return f"quantized {m.original_name}"
         return str(m.original_name)
     cls = type(m)
+    if cls.__module__.startswith(_QUANTIZED):
+        return f"quantized {cls.__name__}"
     if cls.__module__.startswith("torch."):
         return cls.__name__
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -227,7 +212,8 @@ class _Converter:
             if build is None:
                 if kind in _DROPPED:
                     return []
-                why = "not a supported module" if "." not in kind else \
+                why = _QUANTIZED_WHY if kind.startswith("quantized ") else \
+                    "not a supported module" if "." not in kind else \
                     "a custom module: its forward is arbitrary Python (compose it from " \
                     "nn.Sequential, or export it to ONNX)"
                 return self.fail(path, kind, why)
@@ -326,6 +312,17 @@ class _Converter:
         beta = np.zeros(shape) if b is None else self.array(b)
         return LayerNorm(gamma, beta, eps=float(self.attr(m, "eps")), name=name)
 
+    def rms_norm(self, m: Any, name: str | None) -> Op:
+        shape = tuple(self.attr(m, "normalized_shape"))
+        if len(shape) != 1:
+            raise _Unsupported(f"normalized_shape={shape}: only the last axis is supported")
+        w, eps = self.attr(m, "weight"), self.attr(m, "eps")
+        if eps is None:  # torch then uses the machine epsilon of the input's dtype
+            dtype = self.torch.get_default_dtype() if w is None else w.dtype
+            eps = self.torch.finfo(dtype).eps
+        gamma = np.ones(shape) if w is None else self.array(w)
+        return RMSNorm(gamma, eps=float(eps), name=name)
+
     def attention(self, m: Any, name: str | None) -> Op:
         if not bool(self.attr(m, "_qkv_same_embed_dim")):
             raise _Unsupported("kdim/vdim differ from embed_dim (not self-attention)")
@@ -360,9 +357,15 @@ _LEAVES: dict[str, Callable[[_Converter, Any, str | None], Op]] = {
     "GELU": _Converter.gelu,
     "Softmax": _Converter.softmax,
     "LayerNorm": _Converter.layer_norm,
+    "RMSNorm": _Converter.rms_norm,
     "MultiheadAttention": _Converter.attention,
     **{k: _elementwise(v) for k, v in _ELEMENTWISE.items()},
 }
+
+
+_QUANTIZED_WHY = ("a quantized (torch.ao) module: errprop does not import quantized modules "
+                  "yet. Pass the float model (before torch.ao.quantization.convert) and "
+                  "describe its quantization with an errprop QuantConfig")
 
 
 def _join(path: str, key: str) -> str:

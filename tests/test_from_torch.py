@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import errprop as ep
+from errprop._files import UntrustedCodeError
 
 SEEDS = [0, 1, 2]
 ROOT = Path(__file__).resolve().parents[1]
@@ -333,11 +334,11 @@ def test_torchscript_file(norm_first, torch, tmp_path):
     model = nn.Sequential(nn.Linear(3, 8), nn.GELU(approximate="tanh"), enc, nn.Softmax(-1))
     _randomize_norms(torch, model, 5)
     path = _script_roundtrip(torch, model.double(), tmp_path)
-    net = ep.from_torch(path)
+    net = ep.from_torch(path, trusted=True)
     assert [n for n, _ in net.layers()] == [n for n, _ in ep.from_torch(model).layers()]
     x = np.random.default_rng(5).standard_normal((2, 4, 3))
     assert _rel(net(x), _run(torch, model, x)) < 1e-10
-    assert _rel(ep.from_torch(str(path))(x), net(x)) == 0.0  # str paths too
+    assert _rel(ep.from_torch(str(path), trusted=True)(x), net(x)) == 0.0  # str paths too
 
 
 def test_traced_modules(torch, tmp_path):
@@ -384,6 +385,86 @@ def test_pickled_module_is_never_unpickled(torch, tmp_path):
     with pytest.raises(ValueError, match="does not load it"):
         ep.from_torch(evil)
     assert not marker.exists()
+
+
+def _evil_torchscript(torch, path, marker):
+    """A TorchScript archive whose __setstate__ creates the file ``marker`` when loaded."""
+
+    class Evil(torch.nn.Module):
+        def __init__(self, target: str):
+            super().__init__()
+            self.target = target
+            self.buf = torch.zeros(4)
+
+        def forward(self, x):
+            return x + self.buf.sum()
+
+        @torch.jit.export
+        def __getstate__(self):
+            return (self.target, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: tuple[str, bool]):
+            self.target = state[0]
+            self.buf = torch.from_file(state[0], True, 4)  # shared=True creates the file
+            self.training = state[1]
+
+    _jit(torch, "save", _jit(torch, "script", Evil(str(marker))), str(path))
+    return path
+
+
+def test_torchscript_runs_code_so_it_needs_trust(torch, tmp_path):
+    evil = _evil_torchscript(torch, tmp_path / "evil.pt", tmp_path / "marker")
+    for load in (ep.from_torch, ep.load):
+        with pytest.raises(UntrustedCodeError, match=r"evil.pt is a TorchScript archive.*"
+                                                        r"__setstate__.*trusted=True"):
+            load(evil)
+    assert not (tmp_path / "marker").exists()
+    # the refusal is not hypothetical: trusting the file runs its code
+    with pytest.raises(ValueError, match=r"\(Evil\): not a supported module"):
+        ep.from_torch(evil, trusted=True)
+    assert (tmp_path / "marker").exists()
+    with pytest.raises(TypeError, match="trusted must be True or False"):
+        ep.from_torch(evil, trusted="yes")
+
+
+def test_quantized_torch_ao_modules_are_listed_as_unsupported(torch):
+    nn, tq = torch.nn, torch.ao.quantization
+    float_model = nn.Sequential(tq.QuantStub(), nn.Linear(4, 3), nn.ReLU(),
+                                tq.DeQuantStub()).eval()
+    float_model.qconfig = tq.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated
+        prepared = tq.prepare(float_model)
+        prepared(torch.randn(8, 4))
+        converted = tq.convert(prepared)
+        dynamic = tq.quantize_dynamic(nn.Sequential(nn.Linear(4, 3)), {nn.Linear},
+                                      dtype=torch.qint8)
+    with pytest.raises(ValueError, match=r"3 unsupported(.|\n)*0 \(quantized Quantize\)"
+                                         r"(.|\n)*1 \(quantized Linear\): a quantized \(torch.ao\)"
+                                         r"(.|\n)*3 \(quantized DeQuantize\)"):
+        ep.from_torch(converted)
+    with pytest.raises(ValueError, match=r"0 \(quantized Linear\)"):
+        ep.from_torch(dynamic)
+
+
+@pytest.mark.parametrize("eps, affine", [(None, True), (1e-3, True), (None, False)])
+def test_rms_norm_matches_torch(eps, affine, torch):
+    nn = torch.nn
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(4, 6), nn.RMSNorm(6, eps=eps, elementwise_affine=affine))
+    if affine:
+        with torch.no_grad():
+            model[1].weight.uniform_(0.5, 1.5)
+    # small activations: mean(x²) ~ 1e-8, so torch's default eps (float32: 1.2e-7) matters
+    x = 1e-4 * np.random.default_rng(7).standard_normal((5, 3, 4))
+    with torch.no_grad():
+        want = model(torch.tensor(x, dtype=torch.float32)).double().numpy()
+    for source in (model, _jit(torch, "script", model)):
+        net = ep.from_torch(source)
+        assert isinstance(net["1"], ep.RMSNorm)
+        assert net["1"].eps == (torch.finfo(torch.float32).eps if eps is None else eps)
+        assert _rel(net(x), want) < 1e-5
 
 
 def test_missing_file(torch, tmp_path):
