@@ -8,10 +8,14 @@ names, shapes, settings) and ``weights.npz`` (every parameter under its node nam
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
-import shutil
+import re
+import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,10 +24,14 @@ import numpy as np
 
 from ._activation import Activation, Softmax
 from ._attention import Attention
+from ._checks import check_bool, check_int
 from ._embedding import Embedding
+from ._files import (MEMORY_LIMIT, STALE_ANY, FileFormatError, make_readable, read_json,
+                     remove, temp_name)
 from ._graph import Residual, Sequential, _Container
 from ._linear import Linear
 from ._norm import L2Normalize, LayerNorm, RMSNorm
+from ._npz import read_npz
 from ._op import Array, Op
 from ._pool import MeanPool
 
@@ -55,27 +63,59 @@ def save(net: Sequential, path: str | os.PathLike) -> Path:
     spec = {"format": FORMAT, "version": VERSION, "num_params": net.num_params(),
             "net": _node_spec(net, net, arrays)}
     path = Path(path)
+    if not path.exists():
+        _recover(path)
     if path.exists() and not (path / SPEC).is_file() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not an errprop model folder; "
                               f"refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    _clean_old_saves(path)
+    tmp = Path(tempfile.mkdtemp(**temp_name(path)))
     try:
         with open(tmp / WEIGHTS, "wb") as f:
             np.savez(f, **arrays)
-        (tmp / SPEC).write_text(json.dumps(spec, indent=1) + "\n")
-        old = None
-        if path.exists():
+        (tmp / SPEC).write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+        make_readable(tmp)
+        if not path.exists():
+            os.replace(tmp, path)
+        elif not _exchange(tmp, path):  # no atomic swap here: two renames, recoverable
             old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)
             os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            os.replace(tmp, path)
+            tmp = old
+    finally:
+        remove(tmp)  # the new model's temp on error, the previous model on success
     return path
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    platform or the file system cannot."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _clean_old_saves(path: Path) -> None:
+    """Remove what killed saves of ``path`` left: ``.NAME.old`` once ``NAME`` holds a
+    model, and temporary folders of earlier errprop versions, which named them
+    ``.NAME.XXXXXXXX`` (only model files inside, an hour old)."""
+    old = path.with_name(f".{path.name}.old")
+    if (path / SPEC).is_file() and old.is_dir():
+        remove(old)
+    legacy = re.compile(rf"^\.{re.escape(path.name)}\.[a-z0-9_]{{8}}$")
+    for entry in path.parent.iterdir():
+        if legacy.match(entry.name) and entry.is_dir() and not entry.is_symlink() and \
+                {p.name for p in entry.iterdir()} <= {SPEC, WEIGHTS} and \
+                time.time() - entry.stat().st_mtime > STALE_ANY:
+            remove(entry)
 
 
 def _node_spec(node: Any, root: Sequential, arrays: dict[str, Array]) -> dict[str, Any]:
@@ -99,7 +139,8 @@ def _node_spec(node: Any, root: Sequential, arrays: dict[str, Array]) -> dict[st
 
 
 # ---------------------------------------------------------------------- load
-def load(path: str | os.PathLike, **options: Any) -> Sequential:
+def load(path: str | os.PathLike, *, trusted: bool = False, memory_limit: int = MEMORY_LIMIT,
+         **options: Any) -> Sequential:
     """Load a network from any source errprop reads.
 
     * an errprop model folder (``model.json`` + ``weights.npz``, written by :func:`save`);
@@ -108,13 +149,23 @@ def load(path: str | os.PathLike, **options: Any) -> Sequential:
       which receives ``options``;
     * an ONNX file (``.onnx``) — see :func:`errprop.from_onnx`;
     * a TorchScript or state file (``.pt``/``.pth``) — see :func:`errprop.from_torch`.
+
+    Files are treated as untrusted: nothing is unpickled, sizes declared in a file are
+    checked against ``memory_limit`` (bytes, default 4 GiB) before anything is allocated,
+    and a format that runs code stored in the file when it is loaded (TorchScript) is
+    refused unless ``trusted=True``. A damaged or malformed file raises
+    :class:`errprop.FileFormatError` (a ``ValueError``) naming the file and what is wrong.
     """
+    trusted = check_bool(trusted, "load", "trusted")
+    memory_limit = check_int(memory_limit, "load", "memory_limit", minimum=1)
     path = Path(path)
+    if not path.exists():
+        _recover(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
     if path.is_dir():
         if (path / SPEC).is_file():
-            return _load_errprop(path)
+            return _load_errprop(path, memory_limit, options)
         config = path / "config.json"
         if config.is_file():
             from ._bert import load_bert
@@ -124,58 +175,108 @@ def load(path: str | os.PathLike, **options: Any) -> Sequential:
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         from ._onnx import from_onnx
-        return from_onnx(path, **options)
+        return from_onnx(path, memory_limit=memory_limit, **options)
     if suffix in (".pt", ".pth"):
         from ._torch import from_torch
-        return from_torch(path, **options)
+        return from_torch(path, trusted=trusted, memory_limit=memory_limit, **options)
     if path.name == SPEC:
-        return _load_errprop(path.parent)
+        return _load_errprop(path.parent, memory_limit, options)
     raise ValueError(f"cannot tell what {path} is: expected an errprop or Hugging Face model "
                      f"folder, a .onnx file or a .pt/.pth file")
 
 
-def _load_errprop(folder: Path) -> Sequential:
-    try:
-        spec = json.loads((folder / SPEC).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{folder / SPEC} is not valid JSON: {exc}") from None
+def _load_errprop(folder: Path, memory_limit: int, options: Mapping[str, Any]) -> Sequential:
+    if options:
+        raise TypeError(f"load: {', '.join(options)} do not apply to an errprop model folder "
+                        f"({folder})")
+    file = folder / SPEC
+    spec = read_json(file, "model spec")
     if not isinstance(spec, Mapping) or spec.get("format") != FORMAT:
-        raise ValueError(f"{folder / SPEC} is not an errprop model spec (format "
-                         f"{FORMAT!r} expected)")
+        raise FileFormatError(file, f"not an errprop model spec (format {FORMAT!r} expected)")
     if spec.get("version") != VERSION:
-        raise ValueError(f"{folder / SPEC}: format version {spec.get('version')!r} is not "
-                         f"supported (this errprop reads version {VERSION})")
+        raise FileFormatError(file, f"format version {spec.get('version')!r} is not "
+                              f"supported (this errprop reads version {VERSION})")
     if not (folder / WEIGHTS).is_file():
         raise FileNotFoundError(f"{folder} has {SPEC} but no {WEIGHTS}")
-    with np.load(folder / WEIGHTS, allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    net = _build(spec["net"], arrays, folder)
+    top = spec.get("net")
+    refs: dict[str, tuple[int, ...] | None] = {}
+    try:
+        _collect(top, refs, file, "net")
+        arrays = read_npz(folder / WEIGHTS, refs, memory_limit=memory_limit)
+        net = _build(top, arrays, file)
+    except RecursionError:
+        raise FileFormatError(file, "the graph is nested too deeply") from None
+    except FileFormatError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise FileFormatError(file, f"the graph cannot be built: {exc}") from None
     if not isinstance(net, Sequential):
-        raise ValueError(f"{folder / SPEC}: the top node must be a Sequential")
+        raise FileFormatError(file, "the top node must be a Sequential")
     return net
 
 
-def _build(spec: Mapping[str, Any], arrays: Mapping[str, Array], folder: Path) -> Any:
+def _collect(spec: Any, refs: dict[str, tuple[int, ...] | None], file: Path, where: str
+             ) -> None:
+    """Check the structure of the node ``spec`` and gather the arrays it names with their
+    declared shapes, so every size is known before ``weights.npz`` is read."""
+    def bad(what: str) -> FileFormatError:
+        return FileFormatError(file, f"{where}: {what}")
+
+    if not isinstance(spec, Mapping):
+        raise bad(f"a node must be a JSON object, got {type(spec).__name__}")
+    kind = spec.get("type")
+    if not isinstance(spec.get("name", None), (str, type(None))):
+        raise bad(f"'name' must be a string, got {spec['name']!r}")
+    if kind in ("Sequential", "Residual"):
+        layers = spec.get("layers", [])
+        if not isinstance(layers, list):
+            raise bad(f"'layers' must be a list, got {type(layers).__name__}")
+        for i, child in enumerate(layers):
+            _collect(child, refs, file, f"{where}.layers[{i}]")
+        return
+    if kind not in OPS:
+        raise bad(f"unknown layer type {kind!r} (node {spec.get('node')!r}); known: "
+                  f"{', '.join(OPS)}")
+    for section in ("params", "config"):
+        entries = spec.get(section, {})
+        if not isinstance(entries, Mapping):
+            raise bad(f"'{section}' must be an object, got {type(entries).__name__}")
+        for key, ref in entries.items():
+            if section == "config" and not isinstance(ref, Mapping):
+                continue  # a plain setting
+            if not isinstance(ref, Mapping) or not isinstance(ref.get("array"), str):
+                raise bad(f"{section} {key!r} must be {{\"array\": NAME, ...}}, got {ref!r}")
+            shape = ref.get("shape")
+            if section == "params" and not (isinstance(shape, list) and all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+                raise bad(f"param {key!r}: 'shape' must be a list of sizes, got {shape!r}")
+            refs[ref["array"]] = None if shape is None else tuple(shape)
+
+
+def _build(spec: Mapping[str, Any], arrays: Mapping[str, Array], file: Path) -> Any:
     kind = spec.get("type")
     if kind in ("Sequential", "Residual"):
-        children = [_build(child, arrays, folder) for child in spec.get("layers", [])]
+        children = [_build(child, arrays, file) for child in spec.get("layers", [])]
         if kind == "Sequential":
             return Sequential(children, name=spec.get("name"))
         return Residual(*children, name=spec.get("name"))
-    if kind not in OPS:
-        raise ValueError(f"{folder / SPEC}: unknown layer type {kind!r} (node "
-                         f"{spec.get('node')!r}); known: {', '.join(OPS)}")
-
-    def array(ref: Mapping[str, Any]) -> Array:
-        key = ref["array"]
-        if key not in arrays:
-            raise ValueError(f"{folder / WEIGHTS} lacks the array {key!r} named in {SPEC}")
-        return arrays[key]
-
-    params = {k: array(v) for k, v in spec.get("params", {}).items()}
-    config = {k: array(v) if isinstance(v, Mapping) else v
+    params = {k: arrays[v["array"]] for k, v in spec.get("params", {}).items()}
+    config = {k: arrays[v["array"]] if isinstance(v, Mapping) else v
               for k, v in spec.get("config", {}).items()}
-    return OPS[kind](**params, **config, name=spec.get("name"))
+    try:
+        return OPS[kind](**params, **config, name=spec.get("name"))
+    except (TypeError, ValueError) as exc:
+        raise FileFormatError(file, f"node {spec.get('node')!r} ({kind}) cannot be built: "
+                              f"{exc}") from None
+
+
+def _recover(path: Path) -> None:
+    """A save killed between its two renames leaves the previous model in ``.NAME.old``
+    and nothing at ``NAME``: put it back."""
+    old = path.with_name(f".{path.name}.old")
+    if (old / SPEC).is_file():
+        with contextlib.suppress(OSError):  # another process may have recovered it first
+            os.rename(old, path)
 
 
 # ------------------------------------------------------------------- padding
@@ -188,7 +289,8 @@ def mask_padding(net: Sequential, mask: object) -> Sequential:
     of exactly that ``(batch, tokens)`` shape. ``mask=None`` removes the masks.
     """
     if not isinstance(net, Sequential):
-        raise TypeError(f"mask_padding expects an errprop Sequential, got {type(net).__name__}")
+        raise TypeError(f"mask_padding expects an errprop Sequential, got "
+                        f"{type(net).__name__}")
     if not any(op.maskable for _, op in net.layers()):
         raise ValueError("mask_padding: the network has no layer that takes a padding mask "
                          "(Attention, MeanPool, Embedding)")

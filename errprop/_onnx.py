@@ -9,11 +9,14 @@ random input. See ``docs/real-models-onnx.md``.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 import numpy as np
 
+from ._checks import check_bool, check_int
+from ._files import MEMORY_LIMIT, FileFormatError, check_bytes
 from ._optional import optional
 from ._graph import Sequential
 from ._onnx_build import Builder
@@ -47,7 +50,7 @@ def _input_shape(value_info, given: tuple[int, ...] | None) -> tuple[int, ...]:
 
 
 def from_onnx(model: str | os.PathLike | Any, *, input_shape: tuple[int, ...] | None = None,
-              verify: bool = True) -> Sequential:
+              verify: bool = True, memory_limit: int = MEMORY_LIMIT) -> Sequential:
     """Import an ONNX model as an errprop :class:`Sequential`.
 
     Parameters
@@ -58,6 +61,11 @@ def from_onnx(model: str | os.PathLike | Any, *, input_shape: tuple[int, ...] | 
         dimensions (default: the declared sizes, symbolic ones set to 2, 3, 4).
     verify : run the model (onnxruntime if installed, else ONNX's reference evaluator) and
         the imported graph on a random input of that shape and raise if they differ.
+    memory_limit : bytes (default 4 GiB). The importer traces every tensor as an int64
+        index array of its shape; before anything is allocated, the input shape and every
+        shape ONNX's shape inference derives from it are checked: one needing more than
+        ``memory_limit`` bytes (8 per element) is refused with a
+        :class:`errprop.FileFormatError`.
 
     Returns
     -------
@@ -69,6 +77,8 @@ def from_onnx(model: str | os.PathLike | Any, *, input_shape: tuple[int, ...] | 
     ImportError : onnx is not installed (``pip install "errprop[onnx]"``).
     ValueError : the model uses ops or patterns errprop cannot express. The message lists
         *all* of them, each with its ONNX node name(s) and op type(s).
+    FileFormatError : (a ``ValueError``) the file is not a readable ONNX model, or its
+        declared shapes exceed ``memory_limit``.
 
     Notes
     -----
@@ -84,17 +94,18 @@ def from_onnx(model: str | os.PathLike | Any, *, input_shape: tuple[int, ...] | 
     Constant, Cast``).
     """
     onnx = _require_onnx()
-    from onnx import numpy_helper
-
+    verify = check_bool(verify, "from_onnx", "verify")
+    memory_limit = check_int(memory_limit, "from_onnx", "memory_limit", minimum=1)
     if isinstance(model, onnx.ModelProto):
-        proto, label = model, "ONNX model"
+        proto, label, file = model, "ONNX model", "ONNX model"
     elif isinstance(model, (str, os.PathLike)):
-        proto, label = onnx.load(os.fspath(model)), f"ONNX model {os.fspath(model)!r}"
+        file = os.fspath(model)
+        proto, label = _read(onnx, file), f"ONNX model {file!r}"
     else:
         raise TypeError(f"from_onnx expects a path or an onnx.ModelProto, got "
                         f"{type(model).__name__}")
     graph = proto.graph
-    values: dict[str, Any] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    values: dict[str, Any] = _initializers(graph, file)
     inputs = [i for i in graph.input if i.name not in values]
     if len(inputs) != 1 or len(graph.output) != 1:
         raise ValueError(f"{label}: errprop imports models with one input and one output, got "
@@ -104,6 +115,7 @@ def from_onnx(model: str | os.PathLike | Any, *, input_shape: tuple[int, ...] | 
         raise ValueError(f"{label}: the input {inputs[0].name!r} must be float32 or float64 "
                          f"(token ids need an embedding, which from_onnx does not import)")
     shape = _input_shape(inputs[0], input_shape)
+    _check_sizes(onnx, proto, inputs[0], shape, memory_limit, file)
     inp = SNode("input", shape, [], [inputs[0].name])
     values[inputs[0].name] = View(inp, np.arange(int(np.prod(shape))).reshape(shape))
 
@@ -142,6 +154,59 @@ def from_onnx(model: str | os.PathLike | Any, *, input_shape: tuple[int, ...] | 
     if verify:
         _verify(proto, net, inputs[0], shape, label)
     return net
+
+
+def _read(onnx: Any, file: str) -> Any:
+    """``onnx.load(file)``; a damaged or malformed file names itself."""
+    from google.protobuf.message import DecodeError
+
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"from_onnx: no such file: {file}")
+    try:
+        return onnx.load(file)
+    except DecodeError as exc:
+        raise FileFormatError(file, f"is not an ONNX model (protobuf: {exc})") from None
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise FileFormatError(file, f"ONNX cannot load it: {exc}") from None
+
+
+def _initializers(graph: Any, file: str) -> dict[str, Any]:
+    from onnx import numpy_helper
+
+    values = {}
+    for t in graph.initializer:
+        try:
+            values[t.name] = numpy_helper.to_array(t)
+        except (ValueError, TypeError) as exc:
+            raise FileFormatError(file, f"initializer {t.name!r} (dims {list(t.dims)}) does not "
+                                  f"hold the data it declares: {exc}") from None
+    return values
+
+
+def _check_sizes(onnx: Any, proto: Any, value_info: Any, shape: tuple[int, ...],
+                 memory_limit: int, file: str) -> None:
+    """Refuse the model before tracing if the input, or a tensor whose shape ONNX infers
+    from it, needs more than ``memory_limit`` bytes as an int64 index array."""
+    check_bytes(8 * math.prod(shape), memory_limit, file,
+                f"tracing the input {value_info.name!r} of shape {shape}")
+    concrete = onnx.ModelProto()
+    concrete.CopyFrom(proto)
+    for v in concrete.graph.input:
+        if v.name == value_info.name:
+            for d, n in zip(v.type.tensor_type.shape.dim, shape):
+                d.Clear()
+                d.dim_value = n
+    try:
+        inferred = onnx.shape_inference.infer_shapes(concrete, data_prop=True).graph
+    except Exception:  # noqa: BLE001 - inference is only a pre-check; the tracer reports
+        return
+    for v in (*inferred.value_info, *inferred.output):
+        dims = v.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            size = math.prod(d.dim_value for d in dims)
+            check_bytes(8 * size, memory_limit, file,
+                        f"tracing the tensor {v.name!r} of shape "
+                        f"{tuple(d.dim_value for d in dims)} (inferred for input {shape})")
 
 
 def _verify(proto, net: Sequential, value_info, shape, label) -> None:

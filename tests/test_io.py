@@ -148,7 +148,8 @@ def test_load_dispatches_torchscript_and_onnx_files(tmp_path, torch, rng):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch 2.13 deprecates torch.jit
         torch.jit.save(torch.jit.script(m), str(tmp_path / "m.pt"))
-    np.testing.assert_allclose(ep.load(tmp_path / "m.pt")(x), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ep.load(tmp_path / "m.pt", trusted=True)(x), want,
+                               rtol=1e-12, atol=1e-12)
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
     W1, W2 = (m[0].weight.detach().double().numpy(), m[2].weight.detach().double().numpy())
