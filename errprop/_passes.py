@@ -1,5 +1,7 @@
 """Extra passes over an analysed graph: second order, interval and norm bounds.
 
+(The rigorous bound over the real nonlinear network is in :mod:`errprop._rigorous`.)
+
 Each is an interpreter for :func:`errprop._graph.walk` that reuses the float
 forward values recorded by :func:`errprop.analyze` and calls one rule per op:
 ``jvp2`` (second-order Taylor coefficient), ``abs_jvp`` (elementwise interval
@@ -68,6 +70,28 @@ def second_order_pass(net: Sequential, forward: Forward, by_layer: ByLayer,
     return second.nodes
 
 
+def layer_sources(here: list[Source], sources: Mapping[str, SourceResult]
+                  ) -> tuple[list[SourceResult], dict[str, Array]]:
+    """A layer's sources split for a bound pass: the results of its input (activation)
+    sources in the order they apply, and ``param -> max_abs`` for its parameter sources."""
+    inputs, boxes = [], {}
+    for src in here:
+        if src.param is None:
+            inputs.append(sources[src.name])
+        else:
+            boxes[src.param] = sources[src.name].model.max_abs
+    return inputs, boxes
+
+
+def sources_by_layer(sources: Mapping[str, SourceResult]) -> dict[str, list[Source]]:
+    """Layer name -> its sources, in execution order (the network input has no layer)."""
+    out: dict[str, list[Source]] = {}
+    for result in sources.values():
+        if result.source.layer is not None:
+            out.setdefault(result.source.layer, []).append(result.source)
+    return out
+
+
 class _Bound:
     """A bound carried through the graph with one rule per op.
 
@@ -75,7 +99,8 @@ class _Bound:
     value stage by stage; looser than the exact worst case because
     ``|J₂ J₁| ≤ |J₂| |J₁|``). ``"norm"``: ``‖Δ_n‖ ≤ r_n`` per batch element
     (``Op.norm_jvp``, operator norms). Every source enters with its ``max_abs`` box;
-    both hold for every error pattern in the boxes, at first order.
+    both hold for every error pattern in the boxes, at first order only (the real network
+    can exceed them; :mod:`errprop._rigorous` bounds it).
     """
 
     def __init__(self, forward: Forward, by_layer: ByLayer,
@@ -87,13 +112,10 @@ class _Bound:
 
     def leaf(self, name: str, op: Op, r: Array | None) -> Array:
         x, y = self.forward[name]
-        rparams = {}
-        for src in self.by_layer.get(name, []):
-            box = self.sources[src.name].model.max_abs
-            if src.param is None:
-                r = self.enter(box) if r is None else r + self.enter(box)
-            else:
-                rparams[src.param] = box
+        inputs, rparams = layer_sources(self.by_layer.get(name, []), self.sources)
+        for result in inputs:
+            box = self.enter(result.model.max_abs)
+            r = box if r is None else r + box
         out = getattr(op, self.rule)(x, y, r, rparams)
         self.nodes[name] = out
         return out

@@ -58,7 +58,9 @@ class NodeResult:
     first_order : the first-order prediction of ``exact``.
     source_rms : source name -> RMS of its first-order contribution here.
     diagnostics : where first order may be unreliable at this op, as fractions:
-        ``near_kink`` (ReLU inputs within one error of 0), ``saturated`` (softmax
+        ``near_kink`` (ReLU inputs within the realised first-order error of 0; for the
+        inputs the whole error box can bring to 0 see ``Report.box_reaches_kink``),
+        ``saturated`` (softmax
         rows with a probability above 0.99), ``flat_norm`` (normalization rows
         with variance below 100·eps).
     """
@@ -197,8 +199,10 @@ class Report:
     @property
     def interval_nodes(self) -> dict[str, Array]:
         """Elementwise first-order worst-case bound at every node, by interval propagation
-        (one forward pass; dominates every error pattern in the quantizers' boxes, looser
-        than the exact :attr:`worst_case` at the output). Computed on first use."""
+        of the linearized error (one forward pass; dominates every first-order error pattern
+        in the quantizers' boxes, looser than the first-order :attr:`worst_case` at the
+        output; not a certified bound of the real network: :attr:`rigorous_nodes` is).
+        Computed on first use."""
         return self._run("interval")
 
     @property
@@ -277,9 +281,37 @@ class Report:
 
     @property
     def worst_case(self) -> Array:
-        """Elementwise first-order worst case: ``max |Δy|`` over every error pattern in the
-        quantizers' boxes (exact maximum at first order, attained by sign-aligned errors)."""
+        """Elementwise first-order worst case: ``max |Δy|`` of the *linearized* error over
+        every error pattern in the quantizers' boxes (exact maximum at first order, attained
+        by sign-aligned errors). Not a certified bound: the real network can exceed it where
+        the box reaches a kink or curvature (see :attr:`box_reaches_kink`); for a guaranteed
+        one use :attr:`rigorous_worst_case`."""
         return self._stats().worst_case
+
+    @property
+    def rigorous_nodes(self) -> dict[str, Array]:
+        """Rigorous elementwise bound on ``|Δ|`` at every node: interval arithmetic over the
+        real nonlinear network (not its linearization), every source anywhere in its box
+        (parameters and input within ``max_abs``; activation quantizers applied to the
+        values that reach them). Never below the true maximum over the box; looser than
+        :attr:`worst_case` where first order holds (see ``docs/theory.md``). Raises a
+        ``ValueError`` naming the op or source for which no sound rule exists. Computed on
+        first use."""
+        return self._run("rigorous").bounds
+
+    @property
+    def rigorous_worst_case(self) -> Array:
+        """:attr:`rigorous_nodes` at the output: ``|Δy| ≤ rigorous_worst_case`` for every
+        error pattern in the boxes, higher-order terms included (same shape as ``output``)."""
+        return self.rigorous_nodes[list(self.nodes)[-1]]
+
+    @property
+    def box_reaches_kink(self) -> dict[str, float]:
+        """Per node with a kink (ReLU), the fraction of units whose pre-activation interval
+        over the whole error box (the rigorous pass) contains the kink: there the unit may
+        switch inside the box and the first-order worst case may be exceeded. Compare
+        ``NodeResult.diagnostics["near_kink"]``, which tests only the realised error."""
+        return self._run("rigorous").reaches_kink
 
     def bound(self, confidence: float = 0.99, method: str = "bernstein") -> Array:
         """Elementwise first-order bound on ``|Δy|`` holding with probability ``confidence``

@@ -1,0 +1,301 @@
+"""Rigorous bound mode: interval arithmetic over the real nonlinear network.
+
+The first-order worst case (``Report.worst_case``) is the exact maximum of the
+*linearized* error over the sources' boxes; the real network can exceed it (a ReLU unit
+whose pre-activation interval straddles 0 switches inside the box, softmax and norms
+curve). This pass instead carries, through every node, an interval ``[lo, hi]`` that
+surely contains the value the quantized network computes, for every pattern of errors
+in the boxes: each parameter within ``|Δp| ≤ max_abs`` of its float value, the network
+input within its box, and every activation quantizer applied to the value that actually
+reaches it (moved by upstream error), rounded to either neighbouring grid point (so
+nearest, floor and stochastic rounding are all covered) and clipped to the grid's range.
+The bound at a node is ``max(hi − y, y − lo)`` for the float value ``y``: never below the
+true maximum ``|Δy|`` over the box, remainder included (tests/test_rigorous.py checks it
+against vertex enumeration and random points of the box).
+
+One rule per op type, in :data:`RULES` (``type -> rule(op, where, box, pboxes)``); an op
+without a rule is refused by name. Interval arithmetic ignores the correlations that the
+first order keeps (``|W₂||W₁|`` instead of ``|W₂W₁|``), so the rigorous bound is looser:
+the price of a guarantee.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy import optimize
+
+from ._activation import ACTIVATIONS, Activation, Softmax
+from ._attention import Attention
+from ._config import Source
+from ._embedding import Embedding
+from ._float import FloatGrid
+from ._graph import Sequential, walk
+from ._linear import Linear
+from ._norm import L2Normalize, LayerNorm, RMSNorm
+from ._op import Array, Op
+from ._passes import layer_sources, sources_by_layer
+from ._pool import MeanPool
+from ._quant import FixedGrid, UniformGrid
+from ._report import SourceResult
+from ._rigorous_box import (Box, affine_box, matmul_box, mul_box, param_box, ratio_box,
+                            rounding_slack, scale_box, softmax_box, square_box, sum_others)
+
+def _matmul(x: Array, W: Array) -> Array:
+    return x @ W.T
+
+
+Rule = Callable[[Op, str, Box, Mapping[str, Array]], Box]
+
+#: op type -> its interval rule ``rule(op, where, box, pboxes) -> Box``; ``where`` names the
+#: node for messages, ``pboxes`` maps a parameter to its error box ``|Δp| ≤ pboxes[p]``.
+RULES: dict[type, Rule] = {}
+
+
+def rigorous_rule(kind: type) -> Callable[[Rule], Rule]:
+    """Register the interval rule of an op type."""
+    def register(rule: Rule) -> Rule:
+        RULES[kind] = rule
+        return rule
+    return register
+
+
+class RigorousBoundUnavailable(ValueError):
+    """The rigorous mode has no sound rule for an op or a quantizer of the network."""
+
+
+# ------------------------------------------------------------------ activations
+def _critical_point(kind: str, bracket: tuple[float, float]) -> float:
+    d1 = ACTIVATIONS[kind].d1
+    return float(optimize.brentq(lambda t: float(d1(np.array(t), None)), *bracket,
+                                 xtol=1e-15, rtol=4 * np.finfo(float).eps))
+
+
+#: activation kind -> the points where it turns (its monotone pieces lie between them).
+#: Monotone activations have none; GELU and SiLU have one minimum each (their derivative
+#: changes sign once: tests/test_rigorous.py checks every kind on a dense grid).
+CRITICAL_POINTS: dict[str, tuple[float, ...]] = {
+    "relu": (), "tanh": (), "sigmoid": (), "identity": (),
+    "gelu": (_critical_point("gelu", (-1.5, -0.3)),),
+    "gelu_tanh": (_critical_point("gelu_tanh", (-1.5, -0.3)),),
+    "silu": (_critical_point("silu", (-2.0, -0.5)),),
+}
+
+
+@rigorous_rule(Activation)
+def _activation(op: Activation, where: str, box: Box, pboxes: Mapping[str, Array]) -> Box:
+    if op.kind not in CRITICAL_POINTS:
+        raise RigorousBoundUnavailable(
+            f"rigorous bounds are not available for Activation {where!r}: the turning points "
+            f"of {op.kind!r} are not declared in errprop._rigorous.CRITICAL_POINTS")
+    f = op.fn.f
+    a, b = f(box.lo), f(box.hi)
+    low, high = np.minimum(a, b), np.maximum(a, b)
+    for c in CRITICAL_POINTS[op.kind]:
+        # the numerical turning point is within 1e-15 of the true one, where f is flat:
+        # its value is off by ~1e-30, far inside the outward rounding below
+        inside = (box.lo <= c) & (c <= box.hi)
+        fc = float(f(np.array(c)))
+        low = np.where(inside, np.minimum(low, fc), low)
+        high = np.where(inside, np.maximum(high, fc), high)
+    return Box(low, high).outward(8.0).widen(4 * np.finfo(float).tiny)
+
+
+@rigorous_rule(Softmax)
+def _softmax(op: Softmax, where: str, box: Box, pboxes: Mapping[str, Array]) -> Box:
+    return softmax_box(box, op.axis)
+
+
+# ------------------------------------------------------------------ linear maps
+@rigorous_rule(Linear)
+def _linear(op: Linear, where: str, box: Box, pboxes: Mapping[str, Array]) -> Box:
+    return affine_box(box, op.params["W"], pboxes.get("W"), op.params.get("b"), pboxes.get("b"),
+                      _matmul)
+
+
+@rigorous_rule(MeanPool)
+def _mean_pool(op: MeanPool, where: str, box: Box, pboxes: Mapping[str, Array]) -> Box:
+    # nonnegative weights: the map is monotone, its range is the image of the two ends
+    lo, hi = op.forward(box.lo), op.forward(box.hi)
+    slack = rounding_slack(box.lo.shape[-2], op.forward(np.maximum(np.abs(box.lo),
+                                                                   np.abs(box.hi))))
+    return Box(lo, hi).widen(slack)
+
+
+@rigorous_rule(Embedding)
+def _embedding(op: Embedding, where: str, box: Box, pboxes: Mapping[str, Array]) -> Box:
+    # the ids carry no error; the lookup is linear in the tables with coefficients 1
+    y = op.forward(box.lo)
+    r = op.abs_jvp(box.lo, y, None, pboxes)
+    slack = rounding_slack(3, np.abs(y) + r)
+    return Box.around(y, r + slack)
+
+
+# ------------------------------------------------------------------ normalization
+def _gamma_beta(xhat: Box, op: Op, pboxes: Mapping[str, Array]) -> Box:
+    out = mul_box(param_box(op.params["gamma"], pboxes.get("gamma")), xhat)
+    if "beta" in op.params:
+        out = out + param_box(op.params["beta"], pboxes.get("beta"))
+    return out
+
+
+def _normalized(u: Box, d: int, eps: float, limit: float) -> Box:
+    """``u_i / sqrt(mean_k u_k² + eps)`` with ``R = Σ_{k≠i} u_k² / d + eps`` relaxed to a box."""
+    rest = sum_others(square_box(u))
+    rest = Box(rest.lo / d + eps, rest.hi / d + eps).outward(4.0)
+    return ratio_box(u, rest, lambda t, R: np.sqrt(t * t / d + R), limit)
+
+
+@rigorous_rule(LayerNorm)
+def _layer_norm(op: LayerNorm, where: str, box: Box, pboxes: Mapping[str, Array]) -> Box:
+    d = box.lo.shape[-1]
+    # x_i − mean(x) = (1 − 1/d) x_i − (1/d) Σ_{k≠i} x_k: the exact range of the centring
+    others = sum_others(box)
+    centred = Box((1 - 1 / d) * box.lo - others.hi / d,
+                  (1 - 1 / d) * box.hi - others.lo / d).outward(4.0)
+    # |x̂_i| ≤ sqrt(d − 1) for any row (the centred row's largest share of its norm)
+    xhat = _normalized(centred, d, op.eps, math.sqrt(max(d - 1, 1)))
+    return _gamma_beta(xhat, op, pboxes)
+
+
+@rigorous_rule(RMSNorm)
+def _rms_norm(op: RMSNorm, where: str, box: Box, pboxes: Mapping[str, Array]) -> Box:
+    d = box.lo.shape[-1]
+    return _gamma_beta(_normalized(box, d, op.eps, math.sqrt(d)), op, pboxes)
+
+
+@rigorous_rule(L2Normalize)
+def _l2_normalize(op: L2Normalize, where: str, box: Box, pboxes: Mapping[str, Array]) -> Box:
+    rest = sum_others(square_box(box))
+    return ratio_box(box, rest, lambda t, R: np.maximum(np.sqrt(t * t + R), op.eps), 1.0)
+
+
+# ------------------------------------------------------------------ attention
+@rigorous_rule(Attention)
+def _attention(op: Attention, where: str, box: Box, pboxes: Mapping[str, Array]) -> Box:
+    P = op.params
+
+    def project(inp: Box, w: str, b: str) -> Box:
+        return affine_box(inp, P[w], pboxes.get(w), P.get(b), pboxes.get(b), _matmul)
+
+    def split(t: Box) -> Box:
+        return Box(op._split(t.lo), op._split(t.hi))
+
+    q, k, v = (split(project(box, w, b)) for w, b in (("Wq", "bq"), ("Wk", "bk"), ("Wv", "bv")))
+    kt = Box(np.swapaxes(k.lo, -1, -2), np.swapaxes(k.hi, -1, -2))
+    S = scale_box(matmul_box(q, kt), 1.0 / math.sqrt(op.head_dim))
+    mask = op._mask(box.lo)
+    if mask is not None:
+        S = Box(np.where(mask, -np.inf, S.lo), np.where(mask, -np.inf, S.hi))
+    A = softmax_box(S)
+    o = matmul_box(A, v)
+    merged = Box(op._merge(o.lo), op._merge(o.hi))
+    return project(merged, "Wo", "bo")
+
+
+# ------------------------------------------------------------------ activation quantizers
+def _uniform_enclosure(grid: UniformGrid, box: Box) -> Box:
+    # Q(v) for v ∈ [lo, hi] lies between the grid point at or below lo and the one at or
+    # above hi (clipped): evaluated by the grid's own arithmetic with floor rounding, the
+    # ceiling as the floor of the mirrored grid, -floor(-x); both are monotone in v
+    below = replace(grid, rounding="floor")
+    mirror = replace(grid, zero_point=-np.asarray(grid.zero_point), qmin=-grid.qmax,
+                     qmax=-grid.qmin, rounding="floor")
+    return Box(below.quantize(box.lo), -mirror.quantize(-box.hi))
+
+
+def _float_enclosure(grid: FloatGrid, box: Box) -> Box:
+    if grid.rounding != "nearest":
+        raise RigorousBoundUnavailable(f"rounding {grid.rounding!r} of a float format")
+    return Box(grid.quantize(box.lo), grid.quantize(box.hi))  # nearest rounding is monotone
+
+
+def _fixed_enclosure(grid: FixedGrid, box: Box) -> Box:
+    return Box.point(grid.quantize(box.lo))
+
+
+#: grid type -> enclosure of ``grid.quantize(v)`` over ``v ∈ box`` (activation sources)
+QUANTIZER_ENCLOSURES: dict[type, Callable[[object, Box], Box]] = {
+    UniformGrid: _uniform_enclosure, FloatGrid: _float_enclosure, FixedGrid: _fixed_enclosure,
+}
+
+#: op type -> the location of its kink (where its derivative jumps), if it has one
+KINKS: dict[type, Callable[[Op], float | None]] = {Activation: lambda op: op.fn.kink}
+
+
+# ------------------------------------------------------------------ the pass
+@dataclass(frozen=True)
+class RigorousResult:
+    """Per node: ``bounds`` (``|Δ| ≤ bound`` elementwise, over the whole box), ``boxes``
+    (the enclosures ``[lo, hi]`` of the quantized network's values) and, for ops with a
+    kink, ``reaches_kink``: the fraction of units whose input interval contains it."""
+
+    bounds: dict[str, Array]
+    boxes: dict[str, Box]
+    reaches_kink: dict[str, float]
+
+
+@dataclass(frozen=True)
+class _State:
+    y: Array  # the float value
+    box: Box  # enclosure of the quantized network's value
+
+
+class _Rigorous:
+    def __init__(self, by_layer: Mapping[str, list[Source]],
+                 sources: Mapping[str, SourceResult]) -> None:
+        self.by_layer, self.sources = by_layer, sources
+        self.result = RigorousResult({}, {}, {})
+
+    def _record(self, name: str, s: _State) -> _State:
+        with np.errstate(invalid="ignore"):
+            bound = np.maximum(s.box.hi - s.y, s.y - s.box.lo)
+        # a NaN end (inf − inf after an overflow) only says the box is unbounded there
+        self.result.bounds[name] = np.where(np.isnan(bound), np.inf, np.maximum(bound, 0.0))
+        self.result.boxes[name] = s.box
+        return s
+
+    def leaf(self, name: str, op: Op, s: _State) -> _State:
+        rule = RULES.get(type(op))
+        if rule is None:
+            raise RigorousBoundUnavailable(
+                f"rigorous bounds are not available for {type(op).__name__} {name!r}: no "
+                f"interval rule is registered for {type(op).__name__} (errprop._rigorous.RULES)")
+        inputs, pboxes = layer_sources(self.by_layer.get(name, []), self.sources)
+        box = s.box
+        for result in inputs:
+            enclose = QUANTIZER_ENCLOSURES.get(type(result.grid))
+            if enclose is None:
+                raise RigorousBoundUnavailable(
+                    f"rigorous bounds are not available for source {result.name!r}: no "
+                    f"enclosure of a moved value is known for its {type(result.grid).__name__} "
+                    f"(errprop._rigorous.QUANTIZER_ENCLOSURES)")
+            try:
+                box = enclose(result.grid, box)
+            except RigorousBoundUnavailable as exc:
+                raise RigorousBoundUnavailable(f"rigorous bounds are not available for source "
+                                               f"{result.name!r}: {exc}") from None
+        kink = KINKS.get(type(op), lambda _: None)(op)
+        if kink is not None:
+            reach = (box.lo <= kink) & (kink <= box.hi) & (box.lo < box.hi)
+            self.result.reaches_kink[name] = float(np.mean(reach))
+        return self._record(name, _State(op.forward(s.y), rule(op, name, box, pboxes)))
+
+    def residual(self, name: str, skip: _State, branch: _State) -> _State:
+        return self._record(name, _State(skip.y + branch.y, skip.box + branch.box))
+
+
+def rigorous_pass(net: Sequential, x: Array, sources: Mapping[str, SourceResult]) -> RigorousResult:
+    """Rigorous elementwise bounds at every node of ``net`` on the float input ``x`` for the
+    analysed ``sources`` (name -> :class:`SourceResult`, as in ``Report.sources``)."""
+    x = np.asarray(x, dtype=np.float64)
+    box = Box.point(x)
+    if "input" in sources:
+        box = Box.around(x, sources["input"].model.max_abs).outward(2.0)
+    interp = _Rigorous(sources_by_layer(sources), sources)
+    with np.errstate(over="ignore", invalid="ignore"):
+        walk(net, _State(x, box), interp)
+    return interp.result
