@@ -17,7 +17,6 @@ The graph errprop builds for a folder such as all-MiniLM-L6-v2's::
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from ._optional import optional
 from ._activation import ACTIVATIONS, Activation
 from ._attention import Attention
 from ._embedding import Embedding
+from ._files import FileFormatError, read_json
 from ._graph import Residual, Sequential
 from ._io import mask_padding
 from ._linear import Linear
@@ -45,11 +45,22 @@ def _need(module: str, extra: str) -> Any:
     return optional(module, feature="loading a BERT checkpoint", extra=extra)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from None
+def _read_json(path: Path, kind: type = dict) -> Any:
+    doc = read_json(path, "JSON file")
+    if not isinstance(doc, kind):
+        raise FileFormatError(path, f"expected a JSON {'object' if kind is dict else 'list'}, "
+                              f"got {type(doc).__name__}")
+    return doc
+
+
+def _setting(cfg: dict[str, Any], key: str, file: Path, default: Any = None) -> int | float:
+    """A number from ``config.json``: a clear error naming the file if missing or wrong."""
+    value = cfg.get(key, default)
+    if value is None:
+        raise FileFormatError(file, f"{key!r} is missing")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FileFormatError(file, f"{key!r} must be a number, got {value!r}")
+    return value
 
 
 def _pooling(folder: Path) -> tuple[str | None, bool]:
@@ -58,8 +69,9 @@ def _pooling(folder: Path) -> tuple[str | None, bool]:
     if not modules.is_file():
         return None, False
     pool, normalize = None, False
-    listed = _read_json(modules)
-    for module in listed if isinstance(listed, list) else []:
+    for module in _read_json(modules, list):
+        if not isinstance(module, dict):
+            raise FileFormatError(modules, f"entries must be JSON objects, got {module!r}")
         kind = str(module.get("type", ""))
         if kind.endswith("Pooling"):
             cfg = _read_json(folder / module.get("path", "") / "config.json")
@@ -107,7 +119,11 @@ def load_bert(path: str | os.PathLike, *, pooling: str | None = "auto",
     if not weights_file.is_file():
         raise FileNotFoundError(f"{folder} has no model.safetensors")
     st = _need("safetensors.numpy", "bert")
-    tensors = st.load_file(str(weights_file))
+    try:
+        tensors = st.load_file(str(weights_file))
+    except Exception as exc:  # safetensors raises SafetensorError (not exported), OSError
+        raise FileFormatError(weights_file, f"is not a readable safetensors file: "
+                              f"{exc}") from None
     prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
     used: set[str] = set()
 
@@ -118,9 +134,10 @@ def load_bert(path: str | os.PathLike, *, pooling: str | None = "auto",
         used.add(full)
         return np.asarray(tensors[full], dtype=np.float64)
 
-    eps = float(cfg.get("layer_norm_eps", 1e-12))
-    heads = int(cfg["num_attention_heads"])
-    n_layers = int(cfg["num_hidden_layers"])
+    cfg_file = folder / "config.json"
+    eps = float(_setting(cfg, "layer_norm_eps", cfg_file, 1e-12))
+    heads = int(_setting(cfg, "num_attention_heads", cfg_file))
+    n_layers = int(_setting(cfg, "num_hidden_layers", cfg_file))
     if layers is not None:
         if not isinstance(layers, int) or not 1 <= layers <= n_layers:
             raise ValueError(f"layers must be an integer from 1 to {n_layers}, got {layers!r}")

@@ -163,6 +163,15 @@ def load(path: str | os.PathLike, *, trusted: bool = False, memory_limit: int = 
         _recover(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
+    try:
+        return _dispatch(path, trusted, memory_limit, options)
+    except MemoryError:  # a backstop: declared sizes are checked before allocating
+        raise FileFormatError(path, f"loading it needs more memory than is available "
+                              f"(memory_limit={memory_limit} bytes)") from None
+
+
+def _dispatch(path: Path, trusted: bool, memory_limit: int, options: dict[str, Any]
+              ) -> Sequential:
     if path.is_dir():
         if (path / SPEC).is_file():
             return _load_errprop(path, memory_limit, options)

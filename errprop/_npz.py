@@ -38,9 +38,9 @@ def read_npz(path: Path, expected: Mapping[str, tuple[int, ...] | None], *,
                 if info is None:
                     raise FileFormatError(path, f"lacks the array {name!r} that model.json "
                                           f"names")
-                headers[name] = _header(zf, info, path, name, shape)
+                headers[name] = _header(zf, info, path, name, shape, memory_limit)
             check_bytes(sum(h[2] for h in headers.values()), memory_limit, path,
-                        f"the {len(headers)} arrays model.json names")
+                        f"reading the {len(headers)} arrays model.json names")
             out = {}
             for name in expected:
                 with zf.open(members[f"{name}.npy"]) as f:
@@ -56,7 +56,8 @@ def read_npz(path: Path, expected: Mapping[str, tuple[int, ...] | None], *,
 
 
 def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, name: str,
-            shape: tuple[int, ...] | None) -> tuple[tuple[int, ...], np.dtype, int]:
+            shape: tuple[int, ...] | None, memory_limit: int
+            ) -> tuple[tuple[int, ...], np.dtype, int]:
     with zf.open(info) as f:
         try:
             version = np.lib.format.read_magic(f)
@@ -77,6 +78,7 @@ def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, name: str,
     if shape is not None and tuple(got) != tuple(shape):
         raise FileFormatError(path, f"array {name!r} has shape {tuple(got)}, but model.json "
                               f"declares {tuple(shape)}")
+    check_bytes(nbytes, memory_limit, path, f"array {name!r} of shape {tuple(got)}")
     if info.file_size != offset + nbytes:
         raise FileFormatError(path, f"array {name!r} declares shape {tuple(got)} ({nbytes} "
                               f"bytes of data) but its member holds {info.file_size - offset} "

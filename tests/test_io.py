@@ -1,6 +1,9 @@
 """errprop.save / errprop.load: bit-for-bit round trips, whole-or-nothing writes, clear errors."""
 
 import json
+import os
+import stat
+import time
 
 import numpy as np
 import pytest
@@ -180,3 +183,106 @@ def test_token_ids_are_checked_by_name(rng):
         ep.analyze(net, np.zeros((1, 3)), ep.QuantConfig(input=ep.Uniform(8)))
     with pytest.raises(ValueError, match="pad_id"):
         ep.Embedding(table, pad_id=10)
+
+
+# ------------------------------------------------------------------ C15: replacing, temps
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_saved_folders_and_files_have_the_usual_permissions(tmp_path):
+    folder = ep.save(ep.mlp([4, 5, 2], seed=0), tmp_path / "m")
+    ep.save(ep.mlp([4, 6, 2], seed=0), folder)  # replacing keeps them too
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~_umask()
+    for name in ("model.json", "weights.npz"):
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o666 & ~_umask()
+
+
+def test_replacing_a_model_never_leaves_the_path_empty(tmp_path, monkeypatch):
+    """Watch every rename save makes: after each one a complete model is at the path."""
+    from errprop import _io
+    folder = ep.save(ep.mlp([4, 5, 2], seed=0), tmp_path / "m")
+    seen = []
+    real_replace, real_exchange = os.replace, _io._exchange
+
+    def watch(fn):
+        def wrapped(*args):
+            out = fn(*args)
+            seen.append(ep.load(folder)["fc1"].params["W"].shape)
+            return out
+        return wrapped
+
+    monkeypatch.setattr(_io.os, "replace", watch(real_replace))
+    monkeypatch.setattr(_io, "_exchange", watch(real_exchange))
+    ep.save(ep.mlp([4, 9, 2], seed=0), folder)
+    assert seen and seen[-1] == (9, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # the old model is gone
+
+
+def test_a_save_killed_between_renames_is_recovered(tmp_path, monkeypatch):
+    """Without an atomic swap, save renames the old model to .m.old first; if it dies
+    right there, the next load (or save) puts the old model back."""
+    from errprop import _io
+    folder = ep.save(ep.mlp([4, 5, 2], seed=0), tmp_path / "m")
+    monkeypatch.setattr(_io, "_exchange", lambda a, b: False)
+    calls = []
+
+    def dies_on_second(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed after the model moved to .m.old
+        return os.rename(src, dst)
+
+    monkeypatch.setattr(_io.os, "replace", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        ep.save(ep.mlp([4, 9, 2], seed=0), folder)
+    monkeypatch.undo()
+    assert not folder.exists() and (tmp_path / ".m.old" / "model.json").is_file()
+    assert ep.load(folder)["fc1"].params["W"].shape == (5, 4)  # recovered
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    ep.save(ep.mlp([4, 9, 2], seed=0), folder)  # the fallback path works end to end
+    monkeypatch.setattr(_io, "_exchange", lambda a, b: False)
+    ep.save(ep.mlp([4, 7, 2], seed=0), folder)
+    assert ep.load(folder)["fc1"].params["W"].shape == (7, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def test_temps_of_killed_writers_are_cleaned_on_the_next_write(tmp_path):
+    """A writer killed mid-write leaves .NAME.tmp<pid>-XXXXXXXX behind: the next save or
+    write_text into that folder removes it once its process is gone (or it is an hour
+    old), and leaves live writers' temps and other hidden files alone."""
+    from errprop._files import write_text
+    dead, now = _dead_pid(), time.time()
+    stale_dir = tmp_path / f".bigmodel.tmp{dead}-abcd1234"
+    stale_dir.mkdir()
+    (stale_dir / "weights.npz").write_bytes(b"x" * 1000)
+    stale_csv = tmp_path / f".nodes.csv.tmp{dead}-0123abcd"
+    stale_png = tmp_path / f".fig.png.tmp{dead}-zzzz9999.png"
+    old_live = tmp_path / f".report.json.tmp{os.getppid()}-q1w2e3r4"  # a live pid, 2 h old
+    fresh_dead = tmp_path / f".sources.csv.tmp{dead}-aaaa1111"      # died 10 s ago
+    live = tmp_path / f".rows.csv.tmp{os.getppid()}-bbbb2222"      # being written now
+    legacy = tmp_path / ".m.k3j4h5g6"  # a temp folder of an earlier errprop's save
+    legacy.mkdir()
+    (legacy / "model.json").write_text("{}")
+    keep = [tmp_path / ".bashrc", tmp_path / ".m.notes", tmp_path / ".x.tmp12-short"]
+    for p in (stale_csv, stale_png, old_live, fresh_dead, live, *keep):
+        p.write_text("partial")
+    for p, age in ((stale_dir, 120), (stale_csv, 120), (stale_png, 120), (old_live, 7200),
+                   (fresh_dead, 10), (legacy, 7200), (keep[0], 9999), (keep[1], 9999)):
+        os.utime(p, (now - age, now - age))
+    ep.save(ep.mlp([4, 5, 2], seed=0), tmp_path / "m")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["m", fresh_dead.name, live.name, *(p.name for p in keep)])
+    os.utime(fresh_dead, (now - 120, now - 120))
+    write_text(tmp_path / "notes.txt", "hi")  # every writer cleans, not only save
+    assert not fresh_dead.exists() and live.exists()
