@@ -37,6 +37,7 @@ from ._config import QuantConfig
 from ._graph import Sequential, check_input, unknown_name_message, walk
 from ._linear import Linear
 from ._mc_passes import _bytes_per_sample, _make_plan, _Moments, _Reference, _Sample
+from ._mc_record import Sampled
 from ._op import Array
 from ._sampling import _Streams
 
@@ -92,6 +93,10 @@ class MonteCarloResult:
         drawn when None was passed, so the run can be repeated).
     fast_sources : the Linear weight sources sampled at the layer output
         (``weight_noise="output"``); every other source used the exact mode.
+    sampled : :class:`Sampled`, what was sampled: the config, the mode, the
+        network (node names, kinds, shapes; a hash of its parameters), the input
+        (shape, hash) and a sketch of every node's float value.
+        :meth:`errprop.Report.compare` refuses a report of another setup.
     """
 
     mean: Array
@@ -111,6 +116,7 @@ class MonteCarloResult:
     seed: int
     weight_noise: str
     fast_sources: tuple[str, ...]
+    sampled: Sampled
 
     def node(self, name: str) -> NodeStats:
         """The statistics at node ``name``."""
@@ -228,6 +234,7 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
     ref = _Reference(keep, run_dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         y_float = walk(net, x, ref)
+    sampled = Sampled.record(net, x, config, mode, ref.values)
     plan = _make_plan(net, x, ref, sources, mode, run_dtype, weight_noise)
     out_name = net.nodes()[-1].name
 
@@ -276,7 +283,8 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
         mean=out.mean, std=out.std, mse=out.mse, mse_ci=out.mse_ci, mse_samples=out.mse_samples,
         quantiles=out.quantiles, errors=errors, nodes=stats, output=y_float, samples=samples,
         seconds=time.perf_counter() - t0, chunk_size=chunk_size, mode=mode,
-        dtype=run_dtype.name, seed=seed, weight_noise=weight_noise, fast_sources=fast)
+        dtype=run_dtype.name, seed=seed, weight_noise=weight_noise, fast_sources=fast,
+        sampled=sampled)
 
 
 class _Progress:

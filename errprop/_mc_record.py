@@ -1,0 +1,153 @@
+"""What a Monte Carlo run sampled, so that a comparison can refuse another setup.
+
+:func:`errprop.monte_carlo` records the config, the network (node names, kinds and
+float-value shapes, a hash of every parameter), the input (shape and hash) and a
+small sketch of the float value at every node. :meth:`Sampled.differences` checks a
+report's config and per-node float values against it: a report is comparable with a
+Monte Carlo result only when both ran the same network on the same input under the
+same config. The sketches make the check need nothing but what a :class:`Report`
+already carries (its config and its nodes' float values), and tolerate float64
+summation-order differences, unlike a hash of the values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from ._config import QuantConfig
+from ._graph import Sequential
+from ._op import Array
+
+#: the golden ratio's fractional part: ``frac(j·φ) − ½`` weights a sketch by position
+_PHI = 0.6180339887498949
+#: values whose sketches agree to this relative tolerance are the same float values
+_SKETCH_RTOL = 1e-9
+_BLOCK = 1 << 20
+
+
+def fingerprint(*arrays: Array) -> str:
+    """SHA-256 (hex, first 16 digits) of the arrays' shapes and float64 values."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a, dtype=np.float64)
+        h.update(repr(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def sketch(value: Array) -> tuple[float, float, float, float]:
+    """``(Σv, Σ wⱼvⱼ, Σv², Σ|v|)`` of the flattened float64 value, ``wⱼ = frac(jφ) − ½``.
+
+    The position-weighted sum tells permuted values apart; the last entry sets the
+    scale of the tolerance (:func:`sketches_agree`)."""
+    v = np.asarray(value, dtype=np.float64).reshape(-1)
+    total = weighted = squares = absolute = 0.0
+    for a in range(0, v.size, _BLOCK):
+        block = v[a:a + _BLOCK]
+        w = np.arange(a, a + block.size, dtype=np.float64) * _PHI % 1.0 - 0.5
+        total += float(np.sum(block))
+        weighted += float(block @ w)
+        squares += float(block @ block)
+        absolute += float(np.sum(np.abs(block)))
+    return total, weighted, squares, absolute
+
+
+def sketches_agree(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    scale = _SKETCH_RTOL * max(a[3], b[3])
+    return bool(abs(a[0] - b[0]) <= scale and abs(a[1] - b[1]) <= scale
+                and abs(a[2] - b[2]) <= _SKETCH_RTOL * max(a[2], b[2]))
+
+
+@dataclass(frozen=True, eq=False)
+class Sampled:
+    """What a :func:`errprop.monte_carlo` run sampled.
+
+    Attributes
+    ----------
+    config : the QuantConfig sampled.
+    mode : ``"noise"`` or ``"quantize"``.
+    input_shape, input_fingerprint : the network input's shape and
+        :func:`fingerprint` (SHA-256 of its float64 values).
+    parameters : ``"<layer>.<param>"`` -> :func:`fingerprint` of every parameter of
+        the network, in execution order.
+    nodes : ``(name, kind, shape)`` of every node in execution order, ``shape`` that
+        of its float value.
+    sketches : node name -> :func:`sketch` of its float value.
+    """
+
+    config: QuantConfig
+    mode: str
+    input_shape: tuple[int, ...]
+    input_fingerprint: str
+    parameters: Mapping[str, str]
+    nodes: tuple[tuple[str, str, tuple[int, ...]], ...]
+    sketches: Mapping[str, tuple[float, float, float, float]]
+
+    @classmethod
+    def record(cls, net: Sequential, x: Array, config: QuantConfig, mode: str,
+               values: Mapping[str, Array]) -> Sampled:
+        """The record of a run of ``net`` on ``x``; ``values``: node name -> float value."""
+        params = {f"{name}.{key}": fingerprint(value) for name, op in net.layers()
+                  for key, value in op.params.items()}
+        nodes = tuple((i.name, i.kind, tuple(values[i.name].shape)) for i in net.nodes())
+        return cls(config, mode, tuple(x.shape), fingerprint(x), params, nodes,
+                   {name: sketch(values[name]) for name, _, _ in nodes})
+
+    def differences(self, config: QuantConfig, nodes: Mapping[str, tuple[str, Array]],
+                    parameters: Mapping[str, Array]) -> list[str]:
+        """What differs between this run and an analysis of ``config`` whose nodes are
+        ``name -> (kind, float value)`` in execution order and whose known float
+        parameters are ``"<layer>.<param>" -> value``; ``[]`` when nothing does."""
+        out = []
+        changed = [name for name, value in parameters.items()
+                   if name in self.parameters and fingerprint(value) != self.parameters[name]]
+        if changed:
+            out.append(f"network: parameter(s) {', '.join(map(repr, changed[:5]))}"
+                       f"{' ...' if len(changed) > 5 else ''} have other values in the "
+                       f"report than in the Monte Carlo run")
+        theirs = [(name, kind, tuple(value.shape)) for name, (kind, value) in nodes.items()]
+        ours = list(self.nodes)
+        if [n[:2] for n in theirs] != [n[:2] for n in ours]:
+            out.append(_network_difference(theirs, ours))
+        else:
+            for (name, _, shape), (_, _, mc_shape) in zip(theirs, ours):
+                if shape != mc_shape:
+                    out.append(f"input: node {name!r} has shape {shape} in the report and "
+                               f"{mc_shape} in the Monte Carlo run (whose input is "
+                               f"{self.input_shape}): they ran on inputs of different shapes")
+                    break
+        for f in fields(QuantConfig):
+            a, b = getattr(config, f.name), getattr(self.config, f.name)
+            if a != b:
+                out.append(f"config: {f.name} is {a!r} in the report and {b!r} in the "
+                           f"Monte Carlo run")
+        if out:  # the float values are only comparable on the same graph and parameters
+            return out
+        names = list(nodes)
+        for i, name in enumerate(names):
+            if not sketches_agree(sketch(nodes[name][1]), self.sketches[name]):
+                if i == 0:
+                    out.append(f"input: the float values differ from the first node {name!r} "
+                               f"on: another input (of the same shape {self.input_shape}), "
+                               f"or other unquantized parameters of {name!r}")
+                else:
+                    out.append(f"network: the float values agree up to {names[i - 1]!r} and "
+                               f"differ from {name!r} on: the same architecture with other "
+                               f"(unquantized) parameters in {name!r}")
+                break
+        return out
+
+
+def _network_difference(theirs: list[tuple], ours: list[tuple]) -> str:
+    for i, (a, b) in enumerate(zip(theirs, ours)):
+        if a[:2] != b[:2]:
+            return (f"network: node {i} is {a[0]!r} ({a[1]}) in the report and {b[0]!r} "
+                    f"({b[1]}) in the Monte Carlo run ({len(theirs)} and {len(ours)} nodes)")
+    short, extra, who = (ours, theirs, "report") if len(theirs) > len(ours) else \
+        (theirs, ours, "Monte Carlo run")
+    return (f"network: the {who} has {len(extra) - len(short)} more node(s) after "
+            f"{short[-1][0] if short else 'the input'!r}, from {extra[len(short)][0]!r}")
