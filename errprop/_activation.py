@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special
 
+from ._checks import check_int
 from ._op import Array, Op, sample_max
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # a Python float keeps float32 arrays float32
@@ -83,6 +85,23 @@ ACTIVATIONS: dict[str, _Elementwise] = {
 }
 
 
+#: the most axes an op sees: (batch, tokens, features); passes may add leading sample axes
+_MAX_NDIM = 3
+
+
+def check_activation(kind: object, owner: str) -> str:
+    """An activation name from :data:`ACTIVATIONS`."""
+    names = ", ".join(sorted(ACTIVATIONS))
+    if isinstance(kind, str) and kind in ACTIVATIONS:
+        return kind
+    if isinstance(kind, str):
+        close = difflib.get_close_matches(kind, list(ACTIVATIONS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{owner}: unknown activation {kind!r}; expected one of {names}{hint}")
+    raise TypeError(f"{owner}: the activation must be a name (one of {names}), got {kind!r} "
+                    f"({type(kind).__name__})")
+
+
 def softmax_abs(y: Array, r: Array, axis: int = -1) -> Array:
     """``|J| r`` for the softmax Jacobian ``J = diag(y) − y yᵀ``:
     ``y_i (1 − y_i) r_i + y_i Σ_{k≠i} y_k r_k = y_i ((1 − 2 y_i) r_i + Σ_k y_k r_k)``."""
@@ -119,10 +138,7 @@ class Activation(Op):
 
     def __init__(self, kind: str, name: str | None = None) -> None:
         super().__init__(name)
-        if kind not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {kind!r}; expected one of "
-                             f"{', '.join(sorted(ACTIVATIONS))}")
-        self.kind = kind
+        self.kind = check_activation(kind, f"Activation {name!r}" if name else "Activation")
         self.fn = ACTIVATIONS[kind]
 
     @property
@@ -190,10 +206,19 @@ class Softmax(Op):
 
     def __init__(self, axis: int = -1, name: str | None = None) -> None:
         super().__init__(name)
-        if not isinstance(axis, (int, np.integer)) or axis >= 0:
-            raise ValueError(f"Softmax axis must be a negative integer (counted from the "
-                             f"feature axis, so leading batch/sample axes may vary), got {axis!r}")
-        self.axis = int(axis)
+        label = f"Softmax {name!r}" if name else "Softmax"
+        axis = check_int(axis, label, "axis")
+        if not -_MAX_NDIM <= axis < 0:
+            raise ValueError(f"{label}: axis must be a negative integer from -{_MAX_NDIM} to -1 "
+                             f"(counted from the feature axis, so leading batch/sample axes "
+                             f"may vary; errprop layers see at most {_MAX_NDIM} axes: batch, "
+                             f"tokens, features), got {axis!r}")
+        self.axis = axis
+
+    @property
+    def min_ndim(self) -> int:  # type: ignore[override]
+        """The input needs the axis the softmax runs along (and a batch axis)."""
+        return max(2, -self.axis)
 
     def forward(self, x: Array, params: Mapping[str, Array] | None = None) -> Array:
         z = x - np.max(x, axis=self.axis, keepdims=True)

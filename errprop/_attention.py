@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ._activation import saturated_rows, softmax_abs
+from ._checks import check_bool, check_int
 from ._linear import _flat_matmul, _matmul_t, affine_norm, affine_tangent
 from ._op import (Array, Op, Rule, align_sampled, as_param, check_mask, check_mask_batch,
                   per_sample_outer, per_sample_sum)
@@ -73,12 +74,13 @@ class Attention(Op):
                 self.params[key] = as_param(value, layer=label, param=key, shape=(size,))
         for key in self.params:
             self.param_kinds[key] = "weight" if key.startswith("W") else "bias"
-        if not isinstance(heads, (int, np.integer)) or heads < 1 or inner % heads:
+        heads = check_int(heads, label, "heads")
+        if heads < 1 or inner % heads:
             raise ValueError(f"{label}: heads must be a positive integer dividing the inner "
                              f"width {inner}, got {heads!r}")
-        self.heads = int(heads)
+        self.heads = heads
         self.head_dim = inner // self.heads
-        self.causal = bool(causal)
+        self.causal = check_bool(causal, label, "causal")
         self.mask = None if mask is None else check_mask(mask, label)
 
     def config(self) -> dict[str, object]:

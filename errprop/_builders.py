@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._activation import ACTIVATIONS, Activation
+from ._activation import Activation, check_activation
 from ._attention import Attention
+from ._checks import check_bool, check_choice, check_int, check_seed
 from ._graph import Residual, Sequential
 from ._linear import Linear
 from ._norm import LayerNorm
@@ -16,24 +17,16 @@ from ._norm import LayerNorm
 _GAIN = {"relu": 2.0}
 
 
-def _rng(seed: int | np.random.Generator) -> np.random.Generator:
+def _rng(seed: int | np.random.Generator, owner: str) -> np.random.Generator:
+    """A generator, or one seeded by a non-negative integer (never None: builders are
+    reproducible)."""
     if isinstance(seed, np.random.Generator):
         return seed
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int or numpy.random.Generator, got {seed!r}")
-    return np.random.default_rng(int(seed))
+    return np.random.default_rng(check_seed(seed, owner, allow_none=False))
 
 
-def _check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of "
-                         f"{', '.join(sorted(ACTIVATIONS))}")
-
-
-def _positive_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)
+def _positive_int(value: object, owner: str, what: str) -> int:
+    return check_int(value, owner, what, minimum=1)
 
 
 def _dense(rng: np.random.Generator, n_in: int, n_out: int, gain: float, *,
@@ -51,11 +44,15 @@ def mlp(widths: Sequence[int], activation: str = "relu", *, seed: int | np.rando
     last). Weights ``N(0, g/fan_in)`` with ``g = 2`` for ReLU and 1 otherwise,
     biases ``N(0, 0.1²)``.
     """
-    widths = [_positive_int(w, "mlp: every width") for w in widths]
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, (Sequence, np.ndarray)):
+        raise TypeError(f"mlp: widths must be a list of layer sizes, e.g. [784, 256, 10], "
+                        f"got {widths!r}")
+    widths = [_positive_int(w, "mlp", f"widths[{i}]") for i, w in enumerate(widths)]
     if len(widths) < 2:
         raise ValueError(f"mlp: widths needs at least an input and an output size, got {widths}")
-    _check_activation(activation)
-    rng = _rng(seed)
+    check_activation(activation, "mlp")
+    bias = check_bool(bias, "mlp", "bias")
+    rng = _rng(seed, "mlp")
     gain = _GAIN.get(activation, 1.0)
     layers: list = []
     for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
@@ -86,15 +83,16 @@ def transformer_block(d_model: int, heads: int, d_ff: int, *, norm: str = "pre",
     ``ln2(x + mlp(x))``. The MLP is ``fc1 -> activation -> fc2`` in a scope
     ``mlp``, so nodes read ``block0.attn``, ``block0.mlp.fc1``, ``block0.res1``.
     """
-    d_model = _positive_int(d_model, "transformer_block: d_model")
-    heads = _positive_int(heads, "transformer_block: heads")
-    d_ff = _positive_int(d_ff, "transformer_block: d_ff")
+    owner = "transformer_block"
+    d_model = _positive_int(d_model, owner, "d_model")
+    heads = _positive_int(heads, owner, "heads")
+    d_ff = _positive_int(d_ff, owner, "d_ff")
     if d_model % heads:
         raise ValueError(f"transformer_block: heads ({heads}) must divide d_model ({d_model})")
-    if norm not in ("pre", "post"):
-        raise ValueError(f"transformer_block: norm must be 'pre' or 'post', got {norm!r}")
-    _check_activation(activation)
-    rng = _rng(seed)
+    check_choice(norm, owner, "norm", ("pre", "post"))
+    check_activation(activation, owner)
+    causal = check_bool(causal, owner, "causal")
+    rng = _rng(seed, owner)
     attn = _attention(rng, d_model, heads, causal)
     ffn = Sequential([_dense(rng, d_model, d_ff, 1.0, name="fc1"), Activation(activation),
                       _dense(rng, d_ff, d_model, _GAIN.get(activation, 1.0), name="fc2")],
@@ -114,8 +112,10 @@ def transformer(d_model: int, heads: int, d_ff: int, blocks: int, *, norm: str =
 
     Pre-norm stacks end with a final LayerNorm ``ln_f``, as GPT-2 and ViT do.
     """
-    blocks = _positive_int(blocks, "transformer: blocks")
-    rng = _rng(seed)
+    blocks = _positive_int(blocks, "transformer", "blocks")
+    for what, value in (("d_model", d_model), ("heads", heads), ("d_ff", d_ff)):
+        _positive_int(value, "transformer", what)
+    rng = _rng(seed, "transformer")
     layers: list = [transformer_block(d_model, heads, d_ff, norm=norm, activation=activation,
                                       causal=causal, seed=rng, name=f"block{i}")
                     for i in range(blocks)]

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ._checks import check_int
 from ._op import Array, Op, as_param, check_mask, sample_norm
 
 
@@ -53,11 +54,12 @@ class Embedding(Op):
                 self.params[key] = table
         for key in self.params:
             self.param_kinds[key] = "embedding"
-        if pad_id is not None and not (isinstance(pad_id, (int, np.integer))
-                                       and 0 <= pad_id < word.shape[0]):
-            raise ValueError(f"{label}: pad_id must be a token id in [0, {word.shape[0]}), "
-                             f"got {pad_id!r}")
-        self.pad_id = None if pad_id is None else int(pad_id)
+        if pad_id is not None:
+            pad_id = check_int(pad_id, label, "pad_id")
+            if not 0 <= pad_id < word.shape[0]:
+                raise ValueError(f"{label}: pad_id must be a token id in [0, {word.shape[0]}), "
+                                 f"got {pad_id!r}")
+        self.pad_id = pad_id
         self.mask = None if mask is None else check_mask(mask, label)
 
     @property

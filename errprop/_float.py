@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._checks import check_choice, check_int, real_array
 from ._op import Array
 from ._quant import ErrorModel, Quantizer
 
@@ -77,7 +78,7 @@ def _model(spec: _Spec, x: Array, factor: Array | float = 1.0) -> ErrorModel:
 
 
 def _check_finite(x: Array, owner: str, what: str) -> Array:
-    x = np.asarray(x, dtype=np.float64)
+    x = real_array(x, owner, what)
     if x.size == 0:
         raise ValueError(f"{owner}: cannot fit a quantizer to empty {what} (shape {x.shape})")
     if not np.all(np.isfinite(x)):
@@ -108,13 +109,13 @@ class FloatGrid:
 
     def quantize(self, x: Array, *, rng: np.random.Generator | None = None) -> Array:
         """Round ``x`` to the format (ties to even; beyond ``±max``: ``±max``)."""
-        return _round(self.spec, np.asarray(x, dtype=np.float64))
+        return _round(self.spec, real_array(x, f"FloatFormat({self.spec.name!r})", "x"))
 
     def error_model(self, x: Array) -> ErrorModel:
         """Per element: ``max_abs = ulp(x)/2``, ``mean = 0``, ``var = ulp(x)²/12``
         (the uniform model at the spacing of ``|x|``); beyond ``±max`` the exact,
         deterministic saturation error."""
-        return _model(self.spec, np.asarray(x, dtype=np.float64))
+        return _model(self.spec, real_array(x, f"FloatFormat({self.spec.name!r})", "x"))
 
 
 class FloatFormat(Quantizer):
@@ -150,10 +151,7 @@ class FloatFormat(Quantizer):
     """
 
     def __init__(self, name: str) -> None:
-        if name not in ("fp16", "bf16", "e4m3", "e5m2"):
-            raise ValueError(f"FloatFormat: name must be 'fp16', 'bf16', 'e4m3' or 'e5m2', "
-                             f"got {name!r}")
-        self.name = name
+        self.name = check_choice(name, "FloatFormat", "name", ("fp16", "bf16", "e4m3", "e5m2"))
         self.spec = FORMATS[name]
         self.bits = self.spec.bits
 
@@ -230,7 +228,7 @@ class MXGrid:
     def quantize(self, x: Array, *, rng: np.random.Generator | None = None) -> Array:
         """Scale each block by its ``X``, round the elements (ties to even, saturating),
         scale back."""
-        x = np.asarray(x, dtype=np.float64)
+        x = real_array(x, f"MXFormat({self.name!r})", "x")
         xb, X, n = self._factor(x)
         u = xb / X
         if self.element == "int8":
@@ -241,7 +239,7 @@ class MXGrid:
 
     def error_model(self, x: Array) -> ErrorModel:
         """The element format's model of ``v / X``, times ``X`` (``X`` from ``x``'s blocks)."""
-        x = np.asarray(x, dtype=np.float64)
+        x = real_array(x, f"MXFormat({self.name!r})", "x")
         xb, X, n = self._factor(x)
         if self.element == "int8":
             u = xb / X
@@ -291,13 +289,8 @@ class MXFormat(Quantizer):
     """
 
     def __init__(self, name: str, block: int = 32) -> None:
-        if name not in MX_FORMATS:
-            raise ValueError(f"MXFormat: name must be one of {', '.join(map(repr, MX_FORMATS))}, "
-                             f"got {name!r}")
-        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
-            raise ValueError(f"MXFormat: block must be a positive integer, got {block!r}")
-        self.name = name
-        self.block = int(block)
+        self.name = check_choice(name, "MXFormat", "name", MX_FORMATS)
+        self.block = check_int(block, "MXFormat", "block", minimum=1)
         element = MX_FORMATS[name][0]
         self.bits = 8 if element == "int8" else FORMATS[element].bits
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._checks import check_choice, check_real, check_rng, check_seed, real_array
 from ._config import QuantConfig
 from ._graph import Sequential, check_input, walk
 from ._linear import Linear
@@ -69,15 +70,15 @@ def _check_bits(bits: object, who: str) -> int:
 
 def _check_layer(W: object, X: object, X_tilde: object, who: str
                  ) -> tuple[Array, Array, Array]:
-    W = np.asarray(W, dtype=np.float64)
-    X = np.asarray(X, dtype=np.float64)
+    W = real_array(W, who, "W")
+    X = real_array(X, who, "X")
     if W.ndim != 2:
         raise ValueError(f"{who}: W must be a matrix (out, in) in the Linear convention, "
                          f"got shape {W.shape}")
     if X.ndim != 2 or X.shape[1] != W.shape[1] or X.shape[0] == 0:
         raise ValueError(f"{who}: X must be calibration inputs (samples, in) with in = "
                          f"{W.shape[1]} (W is {W.shape}), got shape {X.shape}")
-    Xt = X if X_tilde is None else np.asarray(X_tilde, dtype=np.float64)
+    Xt = X if X_tilde is None else real_array(X_tilde, who, "X_tilde")
     if Xt.shape != X.shape:
         raise ValueError(f"{who}: X_tilde (the quantized network's inputs) must have X's "
                          f"shape {X.shape}, got {Xt.shape}")
@@ -94,16 +95,18 @@ def alphabet_step(W: object, bits: int, *, granularity: str = "channel",
     Returns ``(out, 1)`` for ``granularity="channel"`` (one step per output row),
     ``(1, 1)`` for ``"tensor"``. An all-zero row gets step 1 (any step represents it).
     """
-    W = np.asarray(W, dtype=np.float64)
-    bits = _check_bits(bits, "alphabet_step")
-    if granularity not in _GRANULARITIES:
-        raise ValueError(f"alphabet_step: granularity must be 'channel' or 'tensor', "
-                         f"got {granularity!r}")
-    if not (isinstance(scale, (int, float, np.floating)) and scale > 0):
-        raise ValueError(f"alphabet_step: scale must be a positive number, got {scale!r}")
+    return _alphabet_step(W, bits, granularity, scale, "alphabet_step")
+
+
+def _alphabet_step(W: object, bits: object, granularity: object, scale: object,
+                   who: str) -> Array:
+    W = real_array(W, who, "W")
+    bits = _check_bits(bits, who)
+    check_choice(granularity, who, "granularity", _GRANULARITIES)
+    scale = check_real(scale, who, "scale", positive=True)
     axis = 1 if granularity == "channel" else None
     amax = np.max(np.abs(W), axis=axis, keepdims=True) if W.size else np.zeros((1, 1))
-    step = float(scale) * amax.reshape(-1, 1) / (2 ** (bits - 1) - 1)
+    step = scale * amax.reshape(-1, 1) / (2 ** (bits - 1) - 1)
     return np.where(step > 0, step, 1.0)
 
 
@@ -140,9 +143,9 @@ def _quantize_layer(W: object, X: object, bits: object, X_tilde: object, granula
     W, X, Xt = _check_layer(W, X, X_tilde, who)
     bits = _check_bits(bits, who)
     if step is None:
-        delta = alphabet_step(W, bits, granularity=granularity, scale=scale)
+        delta = _alphabet_step(W, bits, granularity, scale, who)
     else:
-        delta = np.asarray(step, dtype=np.float64)
+        delta = real_array(step, who, "step")
         if delta.ndim == 0:
             delta = delta.reshape(1, 1)
         if delta.shape not in ((1, 1), (W.shape[0], 1)) or not np.all(delta > 0):
@@ -193,8 +196,8 @@ def spfq(W: object, X: object, bits: int, *, seed: int | None = 0,
     wins) makes it reproducible: one uniform per output neuron and input coordinate,
     drawn in coordinate order.
     """
-    if rng is None:
-        rng = np.random.default_rng(seed)
+    if check_rng(rng, "spfq") is None:
+        rng = np.random.default_rng(check_seed(seed, "spfq"))
     return _quantize_layer(W, X, bits, X_tilde, granularity, scale, step, rng, "spfq")[0]
 
 
@@ -261,8 +264,10 @@ def gpfq_config(net: Sequential, x: object, bits: int, *, method: str = "gpfq",
         :func:`errprop.monte_carlo` apply exactly these matrices, with the deterministic
         error model ``mean = Q - W``, ``var = 0``.
     """
-    if method not in _METHODS:
-        raise ValueError(f"gpfq_config: method must be 'gpfq' or 'spfq', got {method!r}")
+    check_choice(method, "gpfq_config", "method", _METHODS)
+    check_choice(granularity, "gpfq_config", "granularity", _GRANULARITIES)
+    scale = check_real(scale, "gpfq_config", "scale", positive=True)
+    seed = check_seed(seed, "gpfq_config")
     if base is not None and not isinstance(base, QuantConfig):
         raise TypeError(f"gpfq_config: base must be a QuantConfig or None, "
                         f"got {type(base).__name__}")
@@ -275,6 +280,9 @@ def gpfq_config(net: Sequential, x: object, bits: int, *, method: str = "gpfq",
                              f"names, got {layers!r}")
         chosen = set(linear)
     else:
+        if not all(isinstance(name, str) for name in layers):
+            raise TypeError(f"gpfq_config: layers must be 'all' or a list of Linear layer "
+                            f"names (strings), got {layers!r}")
         chosen = set(layers)
         unknown = sorted(chosen - set(linear))
         if unknown:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ._checks import real_array
 from ._op import Array, Op, check_local_name
 
 
@@ -86,7 +87,7 @@ class Sequential(_Container):
         self._by_name = {info.name: info for info in self._infos}
         self._names = {id(info.node): info.name for info in self._infos}
         self.in_features, self.out_features = _check_shapes(self, None, self._names)
-        self.min_ndim, self.max_ndim = _input_ndim(self.layers())
+        self.min_ndim, self.max_ndim, self._ndim_reason = _input_ndim(self.layers())
 
     # ---------------------------------------------------------------- access
     def nodes(self) -> list[NodeInfo]:
@@ -285,15 +286,24 @@ def _check_shapes(node, features: int | None, names: dict[int, str]) -> tuple[in
     return first_in[0], out
 
 
-def _input_ndim(layers: list[tuple[str, Op]]) -> tuple[int, int]:
+def _input_ndim(layers: list[tuple[str, Op]]) -> tuple[int, int, str | None]:
     """The input's smallest and largest ndim: every op sees at least its ``min_ndim`` and
-    at most 3 axes, counting the axes ops before it add (Embedding) or remove (pooling)."""
+    at most 3 axes, counting the axes ops before it add (Embedding) or remove (pooling).
+    Also returns the first layer that needs the smallest ndim (None: none does)."""
     shift, low, top = 0, 2, 0
-    for _, op in layers:
-        low = max(low, op.min_ndim - shift)
+    needs: str | None = None
+    for name, op in layers:
+        if op.min_ndim - shift > low:
+            low, needs = op.min_ndim - shift, name
         shift += op.ndim_change
         top = max(top, shift)
-    return low, 3 - top
+        if low > 3 - top:
+            moved = f"; with the axes the layers before it add or remove, the network " \
+                    f"input would need {low}" if shift or top else ""
+            raise ValueError(f"{type(op).__name__} {name!r} needs inputs with at least "
+                             f"{op.min_ndim} axes, but errprop layers see at most 3 (batch, "
+                             f"tokens, features){moved}: no network input fits")
+    return low, 3 - top, needs
 
 
 def suggest(name: str, known: list[str]) -> str:
@@ -323,14 +333,19 @@ def check_input(net: Sequential, x: object, *, what: str = "input x") -> Array:
     if not isinstance(net, Sequential):
         raise TypeError(f"expected an errprop Sequential network, got {type(net).__name__}")
     try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} must be a numeric array, got {type(x).__name__}") from exc
+        arr = real_array(x, "network input", what)
+    except ValueError as exc:  # a ragged nested list
+        raise TypeError(f"{what} must be a numeric array, got a {type(x).__name__} whose rows "
+                        f"differ in length") from exc
     first = net.layers()[0][0]
     if arr.ndim < net.min_ndim:
         if net.min_ndim == 3:
-            raise ValueError(f"{what} must have shape (batch, tokens, features) because the "
-                             f"network contains attention, got {arr.shape}")
+            op = net[net._ndim_reason] if net._ndim_reason else None
+            because = "the network contains attention" if op is None or \
+                type(op).__name__ == "Attention" else \
+                f"{type(op).__name__} {net._ndim_reason!r} needs a token axis"
+            raise ValueError(f"{what} must have shape (batch, tokens, features) because "
+                             f"{because}, got {arr.shape}")
         raise ValueError(f"{what} must have shape (batch, features) or (batch, tokens, "
                          f"features), got {arr.shape}")
     if arr.ndim > net.max_ndim:

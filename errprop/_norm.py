@@ -48,7 +48,10 @@ def _root(q: Array, s: Array, eps: float) -> Array:
 
 
 def _check_eps(eps: object, label: str) -> float:
-    return check_real(eps, label, "eps", positive=True)
+    eps = check_real(eps, label, "eps")
+    if not eps > 0:
+        raise ValueError(f"{label}: eps must be a positive finite number, got {eps!r}")
+    return eps
 
 
 def _abs_projection(u: Array, r: Array, *, centred: bool, chunk: int = 2 ** 22) -> Array:

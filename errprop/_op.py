@@ -27,6 +27,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from ._checks import real_array
+
 Array = np.ndarray
 Rule = Callable[[Array | None, Mapping[str, Array]], Array]
 
@@ -35,12 +37,13 @@ PARAM_KINDS = ("weight", "bias", "norm", "embedding")
 
 def as_param(value: object, *, layer: str, param: str, shape: tuple[int, ...] | None = None,
              ndim: int | None = None) -> Array:
-    """Convert a user parameter to a finite float64 array, or raise a clear error."""
+    """Convert a user parameter to a finite float64 array (a copy), or raise a clear error:
+    strings, complex numbers, objects and ragged lists are refused, not cast."""
     try:
-        arr = np.array(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{layer}: parameter '{param}' must be a numeric array, "
-                        f"got {type(value).__name__}") from exc
+        arr = np.array(real_array(value, layer, f"parameter '{param}'"))
+    except ValueError as exc:  # a ragged nested list
+        raise TypeError(f"{layer}: parameter '{param}' must be a numeric array, got a "
+                        f"{type(value).__name__} whose rows differ in length") from exc
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{layer}: parameter '{param}' must have {ndim} dimension(s), "
                          f"got shape {arr.shape}")
@@ -258,6 +261,9 @@ def check_mask(mask: object, layer: str) -> Array:
     """A padding mask: boolean ``(batch, tokens)``, ``True`` for real tokens, at least one
     real token per row."""
     arr = np.asarray(mask)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{layer}: padding mask must hold booleans or 0/1 (1 = real token), "
+                        f"got dtype {arr.dtype}")
     if arr.ndim != 2 or arr.size == 0:
         raise ValueError(f"{layer}: padding mask must have shape (batch, tokens), "
                          f"got {arr.shape}")

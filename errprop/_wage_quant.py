@@ -10,10 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._checks import check_choice, real_array
 from ._op import Array
 from ._quant import Quantizer, UniformGrid, round_levels
 
 SHIFTS = ("round", "ceil")
+_ROUNDINGS = ("nearest", "stochastic", "floor")
 
 
 def _shift(amax: Array, mode: str) -> Array:
@@ -51,11 +53,8 @@ class ShiftQuantizer(Quantizer):
                 or not 2 <= bits <= 16:
             raise ValueError(f"ShiftQuantizer: bits must be an integer from 2 to 16, "
                              f"got {bits!r}")
-        if rounding not in ("nearest", "stochastic", "floor"):
-            raise ValueError(f"ShiftQuantizer: rounding must be 'nearest', 'stochastic' or "
-                             f"'floor', got {rounding!r}")
-        if shift not in SHIFTS:
-            raise ValueError(f"ShiftQuantizer: shift must be 'round' or 'ceil', got {shift!r}")
+        check_choice(rounding, "ShiftQuantizer", "rounding", _ROUNDINGS)
+        check_choice(shift, "ShiftQuantizer", "shift", SHIFTS)
         self.bits, self.rounding, self.shift = int(bits), rounding, shift
         self.qmax = 2 ** (self.bits - 1) - 1
 
@@ -64,7 +63,7 @@ class ShiftQuantizer(Quantizer):
         return 2.0 ** (1 - self.bits) * _shift(np.asarray(amax, dtype=np.float64), self.shift)
 
     def fit(self, x: Array, *, channel_axis: int = 0, what: str = "tensor") -> UniformGrid:
-        x = np.asarray(x, dtype=np.float64)
+        x = real_array(x, "ShiftQuantizer", what)
         if x.size == 0 or not np.all(np.isfinite(x)):
             raise ValueError(f"ShiftQuantizer: {what} must be finite and non-empty "
                              f"(shape {x.shape})")
@@ -118,11 +117,8 @@ class WAGE:
         for key in ("bits_w", "bits_a", "bits_g", "bits_e"):
             _check_bits(getattr(self, key), key)
         for key in ("rounding_g", "rounding_e"):
-            if getattr(self, key) not in ("nearest", "stochastic", "floor"):
-                raise ValueError(f"WAGE: {key} must be 'nearest', 'stochastic' or 'floor', "
-                                 f"got {getattr(self, key)!r}")
-        if self.shift not in SHIFTS:
-            raise ValueError(f"WAGE: shift must be 'round' or 'ceil', got {self.shift!r}")
+            check_choice(getattr(self, key), "WAGE", key, _ROUNDINGS)
+        check_choice(self.shift, "WAGE", "shift", SHIFTS)
 
     def quantizer(self, kind: str) -> ShiftQuantizer | None:
         """The quantizer of ``kind`` in ``"w", "a", "g", "e"`` (None when float)."""
