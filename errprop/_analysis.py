@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._config import QuantConfig, Source
+from ._config import QuantConfig, Source, seen_by_quantizer
 from ._graph import Sequential, check_finite_node, check_input, walk
 from ._op import Array, Op
 from ._report import NodeResult, Report, SourceResult
@@ -58,6 +58,8 @@ class _Propagate:
         self.nodes: dict[str, NodeResult] = {}
         self.forward: dict[str, tuple[Array, Array]] = {}  # leaf -> float (input, output)
         self.activation_results: dict[str, SourceResult] = {}
+        self.network_input: Array | None = None  # set by analyze
+        self.input_error: Array | None = None  # the input source's error, if quantized
 
     def _record(self, name: str, kind: str, s: _State,
                 diagnostics: Mapping[str, float] | None = None) -> None:
@@ -77,11 +79,12 @@ class _Propagate:
                 grid = src.quantizer.fit_in_context(
                     x, what=f"the input of {name!r}",
                     fitted=ChainMap(self.activation_results, self.fitted))
-                q_float = grid.quantize(x, rng=self.rng)
-                self.activation_results[src.name] = SourceResult(src, q_float - x, grid, x)
+                seen = seen_by_quantizer(x, self.network_input, self.input_error)
+                error = grid.quantize(seen, rng=self.rng) - seen
+                self.activation_results[src.name] = SourceResult(src, error, grid, seen)
                 xq = grid.quantize(xq, rng=self.rng)
                 keys.append(src.name)
-                dx = _stack(dx, q_float - x)
+                dx = _stack(dx, error)
         y, rule = op.linearize(x)
         self.forward[name] = (x, y)
         diagnostics = op.diagnose(x, y, np.zeros_like(x) if dx is None else dx.sum(axis=0))
@@ -174,6 +177,8 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
         state = _State(x, xq, [src.name], (xq - x)[None])
 
     interp = _Propagate(by_layer, qparams, dparams, rng, results)
+    interp.network_input = x
+    interp.input_error = results["input"].error if "input" in results else None
     # overflow is reported per node by the interpreter, not as a NumPy warning
     with np.errstate(over="ignore", invalid="ignore"):
         out = walk(net, state, interp)

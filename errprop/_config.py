@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ._graph import Sequential, suggest
-from ._op import Op
+from ._op import Array, Op
 from ._hwgap import IntegerKernel
 from ._quant import Quantizer
 
@@ -143,3 +143,19 @@ def _check_quantizer(q: object, where: str) -> None:
     if q is not None and not isinstance(q, Quantizer):
         raise TypeError(f"QuantConfig: {where} must be a quantizer (e.g. Uniform(8)) or None, "
                         f"got {type(q).__name__}")
+
+
+def seen_by_quantizer(layer_input: Array, network_input: Array,
+                      input_error: Array | None) -> Array:
+    """The float value an activation quantizer of a layer is evaluated at.
+
+    A layer that reads the network input directly gets it already quantized by the
+    ``input`` source, so its own quantizer rounds ``x + e_input``, not ``x``: one
+    tensor is never rounded twice as if independently. With equal recipes the second
+    rounding is exactly zero (``Q(Q(x)) = Q(x)``); with different grids it is the
+    real second rounding. Identity (``is``), not equality, says the layer reads the
+    network input: every pass hands the input array itself to the first layers.
+    """
+    if input_error is not None and layer_input is network_input:
+        return network_input + input_error
+    return layer_input

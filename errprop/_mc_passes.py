@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._config import Source
+from ._config import Source, seen_by_quantizer
 from ._graph import Sequential, check_finite_node
 from ._linear import Linear
 from ._op import Array, Op
-from ._quant import UniformGrid
+from ._quant import UniformGrid, same_grid
 from ._sampling import _sampler, _Sampler, _Streams, _threads
 
 #: float32 runs need quantization steps at least this fraction of the largest value
@@ -68,9 +68,10 @@ class _OutputNoise:
 def _output_noise(key: int, src: Source, X: Array, grid: UniformGrid, W: Array,
                   dtype: np.dtype) -> _OutputNoise | None:
     """The output-noise sampler, or None where the weight error is not iid per row
-    (stochastic rounding, group-wise scales, more than one clipped element in a row)."""
+    (stochastic rounding, group-wise scales, more than one fixed element in a row: clipped,
+    or on the grid like a row's maximum under minmax calibration)."""
     model = grid.error_model(W)
-    free = ~model.clipped
+    free = model.width > 0
     if grid.rounding == "stochastic" or np.any(np.count_nonzero(~free, axis=1) > 1) \
             or not np.all(free.any(axis=1)):
         return None
@@ -315,9 +316,11 @@ def _make_plan(net: Sequential, x: Array, ref: _Reference, sources: list[Source]
             value = x
             grid = src.quantizer.fit(x, channel_axis=-1, what="the network input")
         elif src.kind == "activation":
-            value = ref.inputs[src.layer]
-            grid = src.quantizer.fit_in_context(value, what=f"the input of {src.layer!r}",
+            grid = src.quantizer.fit_in_context(ref.inputs[src.layer],
+                                                what=f"the input of {src.layer!r}",
                                                 fitted=fitted)
+            value = seen_by_quantizer(ref.inputs[src.layer], x,
+                                      fitted["input"].error if "input" in fitted else None)
         else:
             value = ops[src.layer].params[src.param]
             grid = src.quantizer.fit(value, channel_axis=0, what=f"parameter {src.name!r}")
@@ -328,6 +331,9 @@ def _make_plan(net: Sequential, x: Array, ref: _Reference, sources: list[Source]
         if src.kind == "input":
             at_input = _sampler(key, src, value, grid, mode, dtype)
         elif src.kind == "activation":
+            if mode == "quantize" and value is not ref.inputs[src.layer] \
+                    and same_grid(grid, fitted["input"].grid):
+                continue  # the input's grid again: Q(Q(x)) = Q(x), even on a shifted grid
             activations.setdefault(src.layer, []).append(
                 _sampler(key, src, value, grid, mode, dtype))
         else:

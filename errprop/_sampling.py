@@ -204,21 +204,26 @@ class _Sampler:
 
     ``value`` is the float tensor the grid was fitted on (a parameter, or the
     float activation); the noise law is evaluated there. Clipped elements carry
-    their deterministic clipping error: when they are the majority only the
-    others draw (``active``); when they are few (minmax calibration puts the
-    range's endpoint on the grid, within an ulp of clipping) a full-size draw is
-    overwritten at their flat indices ``fixed``, cheaper than a scatter.
+    their deterministic clipping error, and values on the grid (zeros, unit gammas:
+    :meth:`UniformGrid.on_grid`) their roundoff, as in the error model: when such
+    fixed elements are the majority only the others draw (``active``); when they are
+    few (minmax calibration puts the range's endpoint on the grid, within an ulp of
+    clipping) a full-size draw is overwritten at their flat indices ``fixed``,
+    cheaper than a scatter. In quantize mode an on-grid value (``still``) that the
+    sample did not move gets no dither: the grid itself rounds it, so it stays exact
+    (a moved one is dithered like any other value).
     """
 
     key: int
     source: Source
     value: Array
     grid: UniformGrid  # cast to the run's dtype
-    active: Array | None  # bool mask of the drawing elements, when clipped ones dominate
-    fixed: Array | None  # flat indices of the few clipped elements
-    clip_err: Array | None  # clipping error: full shape with `active`, at `fixed` otherwise
+    active: Array | None  # bool mask of the drawing elements, when fixed ones dominate
+    fixed: Array | None  # flat indices of the few fixed (clipped or on-grid) elements
+    clip_err: Array | None  # their error: full shape with `active`, at `fixed` otherwise
     law: tuple[Array, ...]  # stochastic: (1 - p, (1-p)s, -ps); () otherwise
     uniform: _UniformNoise | None  # noise mode, nearest and floor
+    still: Array | None = None  # quantize mode: flat indices of on-grid values (no dither)
 
     @property
     def adds_value(self) -> bool:
@@ -272,6 +277,14 @@ class _Sampler:
         """
         d = streams.fill(self.key, start, self.draws(count, scratch))
         grid = self.grid
+        if self.still is not None:
+            # an on-grid value that no upstream error moved is rounded by the grid itself
+            # (stochastic: floor(v/s + 1/2), to nearest), so it stays exact
+            flat = d.reshape(count, -1)
+            moved = np.broadcast_to(v, d.shape).reshape(count, -1)[:, self.still] \
+                != self.value.ravel()[self.still]
+            flat[:, self.still] = np.where(moved, flat[:, self.still],
+                                           0.0 if grid.rounding == "floor" else 0.5)
         if grid.rounding == "nearest":
             d -= 0.5
         d *= grid.scale
@@ -290,10 +303,16 @@ def _sampler(key: int, src: Source, value: Array, grid: UniformGrid, mode: str,
     # keep every setting of the grid (e.g. arithmetic="torch"), in the run's dtype
     cast = dataclasses.replace(grid, scale=np.asarray(grid.scale, dtype),
                                zero_point=np.asarray(grid.zero_point, dtype))
-    active = fixed = clip_err = uniform = None
+    active = fixed = clip_err = uniform = still = None
     law: tuple[Array, ...] = ()
+    exact, roundoff = grid.on_grid(value)
+    if mode != "noise" and exact.any():
+        still = np.flatnonzero(exact)
     if mode == "noise":
         clipped, mean = _clipping(grid, value)
+        exact &= ~clipped
+        clipped |= exact  # fixed error: the clipping error, or the on-grid roundoff
+        mean = np.where(exact, roundoff, mean)
         s = np.broadcast_to(grid.scale, value.shape)
         if np.count_nonzero(clipped) > clipped.size // 2:
             active = ~clipped
@@ -317,7 +336,8 @@ def _sampler(key: int, src: Source, value: Array, grid: UniformGrid, mode: str,
             if param and fixed is not None:  # the clipped value itself, not its error
                 clip_err = value.ravel()[fixed] + clip_err
         clip_err = None if clip_err is None else clip_err.astype(dtype)
-    return _Sampler(key, src, value.astype(dtype), cast, active, fixed, clip_err, law, uniform)
+    return _Sampler(key, src, value.astype(dtype), cast, active, fixed, clip_err, law, uniform,
+                    still)
 
 
 # ---------------------------------------------------------------- any other grid
