@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._checks import check_real, check_rng, check_seed
 from ._config import QuantConfig, Source, seen_by_quantizer
 from ._graph import Sequential, check_finite_node, check_input, walk
 from ._op import Array, Op
@@ -147,7 +148,14 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"analyze: config must be a QuantConfig, got {type(config).__name__}")
+    seed = check_seed(seed, "analyze")
+    memory_limit = int(check_real(memory_limit, "analyze", "memory_limit (bytes)",
+                                  positive=True))
+    statistics_work_limit = check_real(statistics_work_limit, "analyze",
+                                       "statistics_work_limit (multiply-adds)", positive=True,
+                                       finite=False)
     x = check_input(net, x)
+    rng = check_rng(rng, "analyze")
     if rng is None:
         rng = np.random.default_rng(seed)
     sources = config.sources(net)

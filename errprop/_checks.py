@@ -52,7 +52,9 @@ def check_real(value: object, owner: str, what: str, *, minimum: float | None = 
                                                                       np.floating)):
         raise TypeError(f"{owner}: {what} must be a real number, got {_got(value)}")
     v = float(value)
-    if math.isnan(v) or (finite and math.isinf(v)):
+    if math.isnan(v):
+        raise ValueError(f"{owner}: {what} must be a number, got NaN")
+    if finite and math.isinf(v):
         raise ValueError(f"{owner}: {what} must be a finite number, got {v}")
     if positive and not v > 0:
         raise ValueError(f"{owner}: {what} must be positive, got {v}")

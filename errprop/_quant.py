@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._checks import check_bool, check_real
 from ._op import Array
 
 ROUNDINGS = ("nearest", "stochastic", "floor")
@@ -278,7 +279,7 @@ class Uniform(Quantizer):
                 or not 2 <= bits <= 16:
             raise ValueError(f"Uniform: bits must be an integer from 2 to 16, got {bits!r}")
         self.bits = int(bits)
-        self.symmetric = bool(symmetric)
+        self.symmetric = check_bool(symmetric, "Uniform", "symmetric")
         self.granularity = _check_choice("granularity", granularity, GRANULARITIES)
         self.rounding = _check_choice("rounding", rounding, ROUNDINGS)
         self.clip = _check_choice("clip", clip, CLIPS)
@@ -293,10 +294,10 @@ class Uniform(Quantizer):
             raise ValueError(f"Uniform: group_size is only used with granularity='group' "
                              f"(got granularity={granularity!r})")
         self.group_size = None if group_size is None else int(group_size)
-        if not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
+        self.percentile = check_real(percentile, "Uniform", "percentile")
+        if not 0 < self.percentile <= 100:
             raise ValueError(f"Uniform: percentile must be in (0, 100], got {percentile!r}")
-        self.percentile = float(percentile)
-        self.restricted_range = bool(restricted_range)
+        self.restricted_range = check_bool(restricted_range, "Uniform", "restricted_range")
         if self.symmetric:
             half = 2 ** (self.bits - 1)
             self.qmin = -(half - 1) if self.restricted_range else -half
