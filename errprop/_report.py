@@ -302,8 +302,15 @@ class Report:
     @property
     def rigorous_worst_case(self) -> Array:
         """:attr:`rigorous_nodes` at the output: ``|Δy| ≤ rigorous_worst_case`` for every
-        error pattern in the boxes, higher-order terms included (same shape as ``output``)."""
-        return self.rigorous_nodes[list(self.nodes)[-1]]
+        error pattern in the boxes, higher-order terms included (same shape as ``output``).
+        At the output the centred form uses the exact first-order :attr:`worst_case` (when
+        the statistics are available) plus the rigorous remainder."""
+        from ._statistics import StatisticsTooLarge  # _statistics imports this module
+        try:
+            worst = self.worst_case
+        except (StatisticsTooLarge, NotImplementedError):
+            worst = None
+        return self._run("rigorous").output_bound(list(self.nodes)[-1], worst)
 
     @property
     def box_reaches_kink(self) -> dict[str, float]:

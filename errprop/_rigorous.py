@@ -41,6 +41,7 @@ from ._passes import layer_sources, sources_by_layer
 from ._pool import MeanPool
 from ._quant import FixedGrid, UniformGrid
 from ._report import SourceResult
+from ._rigorous_centred import local_remainder, quantizer_remainder
 from ._rigorous_box import (Box, affine_box, matmul_box, mul_box, param_box, ratio_box,
                             rounding_slack, scale_box, softmax_box, square_box, sum_others)
 
@@ -230,33 +231,82 @@ KINKS: dict[type, Callable[[Op], float | None]] = {Activation: lambda op: op.fn.
 @dataclass(frozen=True)
 class RigorousResult:
     """Per node: ``bounds`` (``|Δ| ≤ bound`` elementwise, over the whole box), ``boxes``
-    (the enclosures ``[lo, hi]`` of the quantized network's values) and, for ops with a
-    kink, ``reaches_kink``: the fraction of units whose input interval contains it."""
+    (the interval enclosures ``[lo, hi]`` of the quantized network's values),
+    ``remainders`` (the centred form's remainder bound, or None where it is unavailable)
+    and, for ops with a kink, ``reaches_kink``: the fraction of units whose input interval
+    contains it."""
 
     bounds: dict[str, Array]
     boxes: dict[str, Box]
+    remainders: dict[str, Array | None]
     reaches_kink: dict[str, float]
+
+    def output_bound(self, output: str, worst_case: Array | None) -> Array:
+        """The bound at ``output``, tightened with the exact first-order ``worst_case``
+        (``Σ|J|a``, from reverse mode) in the centred form when both are available."""
+        bound, rem = self.bounds[output], self.remainders[output]
+        if worst_case is None or rem is None:
+            return bound
+        return np.minimum(bound, _FIRST_ORDER_SLACK * worst_case + rem)
+
+
+#: relative allowance for the float64 rounding of a first-order bound (sums of |J| a)
+_FIRST_ORDER_SLACK = 1.0 + 1e-9
 
 
 @dataclass(frozen=True)
 class _State:
     y: Array  # the float value
-    box: Box  # enclosure of the quantized network's value
+    box: Box  # interval enclosure of the quantized network's value
+    fo: Array | None  # first-order interval bound (None: no error yet)
+    rem: Array | None  # centred-form remainder bound (None: unavailable)
+
+
+def _add(a: Array | None, b: Array | None) -> Array | None:
+    return b if a is None else a if b is None else a + b
 
 
 class _Rigorous:
     def __init__(self, by_layer: Mapping[str, list[Source]],
                  sources: Mapping[str, SourceResult]) -> None:
         self.by_layer, self.sources = by_layer, sources
-        self.result = RigorousResult({}, {}, {})
+        self.result = RigorousResult({}, {}, {}, {})
 
     def _record(self, name: str, s: _State) -> _State:
         with np.errstate(invalid="ignore"):
             bound = np.maximum(s.box.hi - s.y, s.y - s.box.lo)
         # a NaN end (inf − inf after an overflow) only says the box is unbounded there
-        self.result.bounds[name] = np.where(np.isnan(bound), np.inf, np.maximum(bound, 0.0))
+        bound = np.where(np.isnan(bound), np.inf, np.maximum(bound, 0.0))
+        if s.rem is not None:
+            fo = 0.0 if s.fo is None else _FIRST_ORDER_SLACK * s.fo
+            bound = np.minimum(bound, fo + s.rem)
+        self.result.bounds[name] = bound
         self.result.boxes[name] = s.box
+        self.result.remainders[name] = s.rem
         return s
+
+    def _quantize(self, inputs: list[SourceResult], s: _State) -> tuple[Box, Array | None,
+                                                                       Array | None]:
+        """The layer's input quantizers applied to the moved values: box, fo, rem."""
+        box, fo, rem = s.box, s.fo, s.rem
+        for result in inputs:
+            enclose = QUANTIZER_ENCLOSURES.get(type(result.grid))
+            if enclose is None:
+                raise RigorousBoundUnavailable(
+                    f"rigorous bounds are not available for source {result.name!r}: no "
+                    f"enclosure of a moved value is known for its {type(result.grid).__name__} "
+                    f"(errprop._rigorous.QUANTIZER_ENCLOSURES)")
+            a = result.model.max_abs
+            if rem is not None:
+                extra = quantizer_remainder(result.grid, box, a)
+                rem = None if extra is None else rem + extra
+            fo = a if fo is None else fo + a
+            try:
+                box = enclose(result.grid, box)
+            except RigorousBoundUnavailable as exc:
+                raise RigorousBoundUnavailable(f"rigorous bounds are not available for source "
+                                               f"{result.name!r}: {exc}") from None
+        return box, fo, rem
 
     def leaf(self, name: str, op: Op, s: _State) -> _State:
         rule = RULES.get(type(op))
@@ -265,37 +315,36 @@ class _Rigorous:
                 f"rigorous bounds are not available for {type(op).__name__} {name!r}: no "
                 f"interval rule is registered for {type(op).__name__} (errprop._rigorous.RULES)")
         inputs, pboxes = layer_sources(self.by_layer.get(name, []), self.sources)
-        box = s.box
-        for result in inputs:
-            enclose = QUANTIZER_ENCLOSURES.get(type(result.grid))
-            if enclose is None:
-                raise RigorousBoundUnavailable(
-                    f"rigorous bounds are not available for source {result.name!r}: no "
-                    f"enclosure of a moved value is known for its {type(result.grid).__name__} "
-                    f"(errprop._rigorous.QUANTIZER_ENCLOSURES)")
-            try:
-                box = enclose(result.grid, box)
-            except RigorousBoundUnavailable as exc:
-                raise RigorousBoundUnavailable(f"rigorous bounds are not available for source "
-                                               f"{result.name!r}: {exc}") from None
+        box, fo, rem = self._quantize(inputs, s)
         kink = KINKS.get(type(op), lambda _: None)(op)
         if kink is not None:
             reach = (box.lo <= kink) & (kink <= box.hi) & (box.lo < box.hi)
             self.result.reaches_kink[name] = float(np.mean(reach))
-        return self._record(name, _State(op.forward(s.y), rule(op, name, box, pboxes)))
+        x = s.y
+        y = op.forward(x)
+        out = rule(op, name, box, pboxes)
+        fo_out = op.abs_jvp(x, y, fo, pboxes) if fo is not None or pboxes else None
+        if rem is not None:
+            dbox = Box(box.lo - x, box.hi - x)
+            rem = op.abs_jvp(x, y, rem, {}) + local_remainder(op, x, y, dbox, pboxes, out)
+        return self._record(name, _State(y, out, fo_out, rem))
 
     def residual(self, name: str, skip: _State, branch: _State) -> _State:
-        return self._record(name, _State(skip.y + branch.y, skip.box + branch.box))
+        rem = None if skip.rem is None or branch.rem is None else skip.rem + branch.rem
+        return self._record(name, _State(skip.y + branch.y, skip.box + branch.box,
+                                         _add(skip.fo, branch.fo), rem))
 
 
 def rigorous_pass(net: Sequential, x: Array, sources: Mapping[str, SourceResult]) -> RigorousResult:
     """Rigorous elementwise bounds at every node of ``net`` on the float input ``x`` for the
-    analysed ``sources`` (name -> :class:`SourceResult`, as in ``Report.sources``)."""
+    analysed ``sources`` (name -> :class:`SourceResult`, as in ``Report.sources``): the
+    smaller of the interval enclosure and the centred form at every node."""
     x = np.asarray(x, dtype=np.float64)
-    box = Box.point(x)
+    box, fo = Box.point(x), None
     if "input" in sources:
-        box = Box.around(x, sources["input"].model.max_abs).outward(2.0)
+        fo = sources["input"].model.max_abs
+        box = Box.around(x, fo).outward(2.0)
     interp = _Rigorous(sources_by_layer(sources), sources)
     with np.errstate(over="ignore", invalid="ignore"):
-        walk(net, _State(x, box), interp)
+        walk(net, _State(x, box, fo, np.zeros_like(x)), interp)
     return interp.result
