@@ -47,7 +47,9 @@ class QuantConfig:
         Attention layer. Its range is calibrated per layer on the *float*
         activations of the analysed batch (per tensor by default), then applied
         to the activations the quantized network actually produces.
-    input : quantizer or None, for the network input.
+    input : quantizer or None, for the network input. A layer that reads the network
+        input and also quantizes its input rounds the already quantized values (one
+        rounding, not two: with equal recipes its own source is exactly zero).
     norms : quantizer or None, for LayerNorm/RMSNorm ``gamma`` and ``beta``.
     embeddings : quantizer or None, for the tables of an ``Embedding`` (word, position,
         token type; per channel means one scale per table row, i.e. per token).

@@ -50,11 +50,13 @@ class ErrorModel:
         ``Var e = s²/12``; for stochastic rounding the exact law given the
         value (``Var e = p(1-p)s²``); for floor ``E e = -s/2``, ``Var e = s²/12``.
         Clipped elements carry their exact, deterministic clipping error
-        (``mean = e``, ``var = 0``).
+        (``mean = e``, ``var = 0``), and so do values already on the grid (zeros,
+        unit gammas, re-quantized values: ``e`` is 0 up to float roundoff), which no
+        rounding moves.
     clipped : bool array, the elements outside the representable range.
     width : array, the length of an interval that surely contains ``e`` (``s`` for
-        every rounding mode; 0 where the error is deterministic: clipped elements,
-        and values on the grid under stochastic rounding). Hoeffding and Bernstein
+        every rounding mode; 0 where the error is deterministic: clipped elements
+        and values on the grid). Hoeffding and Bernstein
         bounds use it.
     """
 
