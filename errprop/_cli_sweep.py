@@ -9,14 +9,18 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from ._sweep import DEFAULTS, sweep
+from ._cli_types import read_utf8
+from ._sweep import DEFAULTS, seed_label, sweep
 
 DESCRIPTION = """\
 Run errprop.analyze (and Monte Carlo when the grid asks for it) over every model x grid point
 x seed of SPEC.toml, on local worker processes or a Dask cluster. Every finished row is
 stored at once in DIR (cache/<key>.json, rows.csv, log.txt): run the same command again after
 an interruption and only the missing rows are computed. A configuration that fails becomes a
-row with status 'error' and its message. See docs/sweeps.md for the SPEC format.
+row with status 'error' and its message. Rows that no seed can change (a loaded model on
+an input file or sentences, deterministic rounding, no Monte Carlo) are computed once
+(seed=any). A spec is code: only errprop's builders run, and model files that would run
+code are refused, unless --trust-code. See docs/sweeps.md for the SPEC format.
 
 SPEC keys: seeds, out, mse_work_limit, retry_errors, parquet; tables [models.NAME] (builder +
 args, or path + options; input) and [grid] (or [[grid]] for a union of grids) with the axes
@@ -44,6 +48,10 @@ def add_parser(sub: Any, bits_type: Any) -> None:
                    help="recompute stored error rows instead of reusing them")
     p.add_argument("--parquet", action="store_true", help="also write rows.parquet (pyarrow)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--trust-code", action="store_true",
+                   help="run builders the spec names outside errprop ('module:function') "
+                        "and load model files that run code (TorchScript); only for a spec "
+                        "you would run as a script")
     p.set_defaults(func=run)
 
 
@@ -58,7 +66,7 @@ def read_spec(path: Path) -> dict[str, Any]:
             raise ImportError("reading SPEC.toml on Python 3.10 needs tomli: pip install "
                               "tomli (Python >= 3.11 has tomllib)") from None
     try:
-        spec = tomllib.loads(path.read_text(encoding="utf-8"))
+        spec = tomllib.loads(read_utf8(path, "sweep spec"))
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path} is not valid TOML: {exc}") from None
     unknown = set(spec) - _TOP_KEYS
@@ -76,7 +84,8 @@ def _label(row: dict[str, Any]) -> str:
     other = "".join(f" {k}={row[k]}" for k in ("group_size", "symmetric", "rounding", "clip",
                                                  "scale") if row[k] != DEFAULTS[k])
     mc = f" mc={row['mc_samples']}" if row["mc_samples"] else ""
-    return f"{row['model']} {bits or 'float'} {row['granularity']}{other}{mc} seed={row['seed']}"
+    return (f"{row['model']} {bits or 'float'} {row['granularity']}{other}{mc} "
+            f"seed={seed_label(row)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     options = dict(models=spec["models"], grid=spec.get("grid"), seeds=spec.get("seeds", [0]),
                    out=out, root=root, mse_work_limit=spec.get("mse_work_limit", 1e10),
                    retry_errors=args.retry_errors or spec.get("retry_errors", False),
-                   parquet=args.parquet or spec.get("parquet", False), on_row=on_row)
+                   parquet=args.parquet or spec.get("parquet", False),
+                   trusted=args.trust_code, on_row=on_row)
     if args.dask is None:
         result = sweep(**options, workers=args.workers)
     else:

@@ -218,7 +218,7 @@ def test_cache_key_and_validation(tmp_path):
     assert doc["task"]["config"] == {**DEFAULTS, "weights": 4}
     with pytest.raises(ValueError, match="unknown grid axes.*'bits'"):
         ep.sweep({"mlp": MODELS["mlp"]}, {"bits": [4]}, workers=1)
-    with pytest.raises(ValueError, match="unknown builder 'mpl'"):
+    with pytest.raises(ValueError, match="unknown builder 'mpl'; did you mean 'mlp'"):
         ep.sweep({"m": {"builder": "mpl"}}, workers=1)
     with pytest.raises(ValueError, match="exactly one of 'builder' or 'path'"):
         ep.sweep({"m": {"args": {}}}, workers=1)
@@ -294,7 +294,7 @@ def dying_builder(**args):
 
 def test_lost_worker_is_not_stored(tmp_path):
     models = {"dies": {"builder": "test_sweep:dying_builder", "input": {"shape": [2, 3]}}}
-    result = ep.sweep(models, {"weights": 8}, out=tmp_path, workers=2)
+    result = ep.sweep(models, {"weights": 8}, out=tmp_path, workers=2, trusted=True)
     (row,) = result.rows
     assert row["status"] == "failed" and "BrokenProcessPool" in row["error"]
     assert result.failed == [row["key"]] and not result.computed
@@ -302,19 +302,29 @@ def test_lost_worker_is_not_stored(tmp_path):
     assert _csv_rows(tmp_path / "rows.csv") == []
 
 
-def test_docs_spec_is_valid(tmp_path):
-    """The TOML spec in docs/sweeps.md reads and expands to a grid (without running it)."""
+def test_docs_specs_run_and_minilm_rows_are_seed_independent(tmp_path):
+    """The TOML specs in docs/sweeps.md read and expand to the rows the text says; the first
+    runs without an error row (one seed here, to keep the suite quick); the MiniLM spec's
+    three seeds give one seed-independent row per grid point (expanded, not run)."""
     import re
 
     from errprop._cli_sweep import read_spec
     from errprop._sweep import _tasks
     doc = (Path(__file__).resolve().parents[1] / "docs" / "sweeps.md").read_text()
-    (block,) = re.findall(r"```toml\n(.*?)```", doc, flags=re.S)
-    (tmp_path / "spec.toml").write_text(block)
-    spec = read_spec(tmp_path / "spec.toml")
+    small, real = re.findall(r"```toml\n(.*?)```", doc, flags=re.S)
+    (tmp_path / "small.toml").write_text(small)
+    spec = read_spec(tmp_path / "small.toml")
     tasks = _tasks(spec["models"], spec["grid"], spec["seeds"], spec["mse_work_limit"],
                    tmp_path)
-    assert len(tasks) == 3 * (3 * 2 + 2) * 3
+    assert len(tasks) == 2 * (2 * 2 + 2) * 2 == 24
+    result = ep.sweep(spec["models"], spec["grid"], seeds=spec["seeds"][:1], workers=1)
+    assert len(result) == 12 and not result.errors
+    assert all(r["mc_mse"] is not None for r in result.rows if r["mc_samples"])
+    (tmp_path / "real.toml").write_text(real)
+    spec = read_spec(tmp_path / "real.toml")
+    tasks = _tasks(spec["models"], spec["grid"], spec["seeds"], 1e10, tmp_path)
+    assert len(spec["seeds"]) == 3 and len(tasks) == 2
+    assert all(t["seed"] is None for t in tasks.values())
 
 
 def test_parquet(tmp_path):
