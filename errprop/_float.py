@@ -71,10 +71,12 @@ def _model(spec: _Spec, x: Array, factor: Array | float = 1.0) -> ErrorModel:
     step = _spacing(spec, u) * factor
     clipped = np.abs(u) > spec.max
     clip_err = (np.clip(u, -spec.max, spec.max) - u) * factor
-    return ErrorModel(max_abs=np.where(clipped, np.abs(clip_err), step / 2),
-                      mean=np.where(clipped, clip_err, 0.0),
-                      var=np.where(clipped, 0.0, step * step / 12), clipped=clipped,
-                      width=np.where(clipped, 0.0, step))
+    # values of the format (zeros, ones, re-quantized values) are not moved at all
+    fixed = clipped | (_round(spec, u) == u)
+    return ErrorModel(max_abs=np.where(fixed, np.abs(clip_err), step / 2),
+                      mean=np.where(fixed, clip_err, 0.0),
+                      var=np.where(fixed, 0.0, step * step / 12), clipped=clipped,
+                      width=np.where(fixed, 0.0, step))
 
 
 def _check_finite(x: Array, owner: str, what: str) -> Array:
@@ -114,7 +116,7 @@ class FloatGrid:
     def error_model(self, x: Array) -> ErrorModel:
         """Per element: ``max_abs = ulp(x)/2``, ``mean = 0``, ``var = ulp(x)²/12``
         (the uniform model at the spacing of ``|x|``); beyond ``±max`` the exact,
-        deterministic saturation error."""
+        deterministic saturation error; values of the format itself: no error."""
         return _model(self.spec, real_array(x, f"FloatFormat({self.spec.name!r})", "x"))
 
 

@@ -128,3 +128,20 @@ def test_on_grid_is_judged_by_the_grid_itself():
     # floor: a value on the grid stays (mean 0, not -s/2)
     f = Uniform(8, rounding="floor").fit(np.array([-1.0, 1.0]))
     assert f.error_model(np.array([0.0])).mean[0] == 0
+
+
+@pytest.mark.parametrize("fmt", [ep.FloatFormat("bf16"), ep.FloatFormat("e4m3"),
+                                 ep.MXFormat("mxfp8_e4m3"), ep.MXFormat("mxfp4_e2m1")])
+def test_float_and_mx_formats_know_their_own_values(fmt, rng):
+    # zeros and values of the format are not moved; the model must say so
+    x = rng.standard_normal((4, 64))
+    x[:, ::4] = 0.0
+    x[:, 1::4] = fmt.quantize(x)[:, 1::4]  # already values of the format (block scales kept)
+    g = fmt.fit(x)
+    m = g.error_model(x)
+    e = g.quantize(x) - x
+    still = e == 0
+    assert still[:, ::4].all() and still[:, 1::4].all()
+    assert np.all(m.var[still] == 0) and np.all(m.max_abs[still] == 0)
+    assert np.all(m.var[~still & ~m.clipped] > 0)  # MX saturates a block's largest value
+    assert np.all(np.abs(e) <= m.max_abs)
