@@ -87,3 +87,42 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_mc_prints_and_writes_the_analytic_prediction_it_checks(tmp_path, capsys):
+    """--mc shows the analytic MSE (± its standard error) next to Monte Carlo's, printed and
+    in report.json / nodes.csv. For a linear network first order is exact, so the analytic
+    MSE of every node must sit inside Monte Carlo's 99% interval (widened by 4 standard
+    errors of the probe estimate); at the output it equals the exact statistics."""
+    net = ep.mlp([6, 24, 24, 3], "identity", seed=2)
+    x = np.random.default_rng(3).standard_normal((40, 6))
+    np.save(tmp_path / "x.npy", x)
+    ep.save(net, tmp_path / "model")
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "model"), "--weights", "5", "--activations", "6",
+                 "--input", str(tmp_path / "x.npy"), "--mc", "400", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = ep.analyze(net, x, ep.QuantConfig(weights=ep.Uniform(5, granularity="channel"),
+                                               activations=ep.Uniform(6)))
+    summary = json.loads((out / "report.json").read_text())["summary"]
+    assert summary["analytic_mse"] == report.mse and summary["analytic_mse_se"] == 0
+    assert summary["analytic_by"] == "exact statistics"
+    assert f"analytic prediction {report.mse:.3g} (exact first-order statistics" in printed
+    assert "versus Monte Carlo, MSE per node" in printed
+    with open(out / "nodes.csv") as f:
+        nodes = list(csv.DictReader(f))
+    assert [n["node"] for n in nodes] == list(report.nodes)
+    for n in nodes:
+        a, se = float(n["analytic_mse"]), float(n["analytic_mse_se"])
+        lo, hi = float(n["mc_mse_lo"]), float(n["mc_mse_hi"])
+        assert lo - 4 * se <= a <= hi + 4 * se, n
+        assert (se == 0) == (n["node"] == "fc3") and n["analytic_by"] in ("64 probes",
+                                                                          "exact statistics")
+    assert float(nodes[-1]["mc_mse"]) == summary["mc_mse"]
+
+
+def test_mc_probes_must_be_at_least_two(saved, capsys):
+    folder, xfile, *_ = saved
+    assert main(["analyze", str(folder), "--input", str(xfile), "--mc", "10",
+                 "--probes", "1"]) == 2
+    assert "--probes must be >= 2" in capsys.readouterr().err
