@@ -8,10 +8,12 @@ step) and runs the real network.
 
 Measured, in float32 and float64, in one run (round-robin repeats, medians):
 
-* errprop: ``errprop.monte_carlo(net, x, config, samples=S, dtype=..., quantiles=())``,
-  end to end (its setup included) and "sampling only" (setup subtracted, from
-  an extra 2-sample run), with statistics at every node (the default) and with
-  ``nodes=()`` (the output only, as the torch reference);
+* errprop: ``errprop.monte_carlo(net, x, config, samples=S, dtype=...)``, end to
+  end (its setup included) and "sampling only" (setup subtracted, from an extra
+  2-sample run), in three variants: ``default settings`` (nothing else passed:
+  what a user gets), ``errprop`` (``quantiles=()``: statistics at every node, no
+  quantiles) and ``nodes=()`` (also ``quantiles=()``: the output only, as the
+  torch reference);
 * torch: the same math written here in PyTorch CPU, batched over the sample
   axis (``torch.rand`` noise on the weights with the same per-row steps and on
   the activations, ``torch.baddbmm``, ReLU), the same samples and chunk size,
@@ -101,12 +103,17 @@ def make_problem(widths: list[int], inputs: int) -> Problem:
 
 # ---------------------------------------------------------------- errprop
 #: errprop variants measured: label -> extra keyword arguments of ``monte_carlo``
-VARIANTS = {"errprop": {}, "errprop, nodes=()": {"nodes": ()}}
+#: (``defaults=True``: monte_carlo's own defaults; otherwise ``quantiles=()``)
+VARIANTS = {"errprop, default settings": {"defaults": True}, "errprop": {},
+            "errprop, nodes=()": {"nodes": ()}}
 
 
-def run_errprop(p: Problem, samples: int, dtype: type, **kw: object) -> ep.MonteCarloResult:
+def run_errprop(p: Problem, samples: int, dtype: type, defaults: bool = False,
+                **kw: object) -> ep.MonteCarloResult:
+    if not defaults:
+        kw.setdefault("quantiles", ())
     return ep.monte_carlo(p.net, p.x, p.config, samples=samples, seed=0, dtype=dtype,
-                          quantiles=(), progress=False, **kw)
+                          progress=False, **kw)
 
 
 # ---------------------------------------------------------------- torch reference
@@ -297,7 +304,8 @@ def cpu_seconds(p: Problem, samples: int, dtype: type, chunk: int) -> dict[str, 
         if torch is not None:
             torch.set_num_threads(1)
         try:
-            for label, kw in (("errprop, nodes=()", {"nodes": ()}), ("errprop", {})):
+            for label, kw in (("errprop, nodes=()", {"nodes": ()}), ("errprop", {}),
+                              ("errprop, default settings", {"defaults": True})):
                 t0 = time.process_time()
                 run_errprop(p, samples, dtype, chunk_size=chunk, **kw)
                 out[label] = time.process_time() - t0
@@ -457,6 +465,9 @@ def print_results(p: Problem, payload: dict) -> list[dict]:
     print()
     print("spread = (max − min)/median over the repeats. `..., sampling only` = "
           "(T(S) − T(2))/(S − 2) per sample; its `median s` cell is the setup T(2) − 2·that.")
+    print("`errprop, default settings` = monte_carlo with nothing but samples, seed and dtype "
+          "passed; `errprop` = quantiles=() (every node's statistics); `errprop, nodes=()` = "
+          "quantiles=(), nodes=() (the output only, as torch).")
     for m in payload["measured"]:
         e, ts = m["mse"].get("errprop"), [m["mse"][k] for k in m["mse"] if k.startswith("torch")]
         agree = all(abs(e[0] - t[0]) <= np.hypot(e[1], t[1]) for t in ts) if e and ts else None

@@ -159,8 +159,8 @@ def check_same_setup(report: Report, mc: MonteCarloResult, what: str = "compare"
     diffs = mc.sampled.differences(report.config, nodes, params)
     if diffs:
         raise ValueError(f"{what}: the Monte Carlo result was not sampled from the report's "
-                         f"setup; " + "; ".join(diffs) + ". Run monte_carlo(net, x, "
-                         f"report.config) on the net and x given to analyze")
+                         f"setup; {'; '.join(diffs)}. Run monte_carlo(net, x, report.config) "
+                         f"on the net and x given to analyze")
 
 
 def compare(report: Report, mc: MonteCarloResult | None = None, *, probes: int = 64,

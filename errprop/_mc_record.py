@@ -39,27 +39,35 @@ def fingerprint(*arrays: Array) -> str:
     return h.hexdigest()[:16]
 
 
-def sketch(value: Array) -> tuple[float, float, float, float]:
-    """``(Σv, Σ wⱼvⱼ, Σv², Σ|v|)`` of the flattened float64 value, ``wⱼ = frac(jφ) − ½``.
+def sketch(value: Array) -> tuple[float, float, float, float, float]:
+    """``(c, Σu, Σ wⱼuⱼ, Σu², Σ|u|)`` of the flattened float64 value ``v = c·u``, with
+    ``c`` the power of two at or above ``max|v|`` (so nothing overflows: ``|u| ≤ 1``)
+    and ``wⱼ = frac(jφ) − ½``.
 
-    The position-weighted sum tells permuted values apart; the last entry sets the
-    scale of the tolerance (:func:`sketches_agree`)."""
+    The position-weighted sum tells permuted values apart; ``Σ|u|`` sets the scale of
+    the tolerance (:func:`sketches_agree`)."""
     v = np.asarray(value, dtype=np.float64).reshape(-1)
+    peak = float(np.max(np.abs(v))) if v.size else 0.0
+    c = 2.0 ** np.frexp(peak)[1] if peak > 0 else 1.0
     total = weighted = squares = absolute = 0.0
     for a in range(0, v.size, _BLOCK):
-        block = v[a:a + _BLOCK]
-        w = np.arange(a, a + block.size, dtype=np.float64) * _PHI % 1.0 - 0.5
-        total += float(np.sum(block))
-        weighted += float(block @ w)
-        squares += float(block @ block)
-        absolute += float(np.sum(np.abs(block)))
-    return total, weighted, squares, absolute
+        u = v[a:a + _BLOCK] / c  # exact: a power of two
+        w = np.arange(a, a + u.size, dtype=np.float64) * _PHI % 1.0 - 0.5
+        total += float(np.sum(u))
+        weighted += float(u @ w)
+        squares += float(u @ u)
+        absolute += float(np.sum(np.abs(u)))
+    return c, total, weighted, squares, absolute
 
 
 def sketches_agree(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    scale = _SKETCH_RTOL * max(a[3], b[3])
-    return bool(abs(a[0] - b[0]) <= scale and abs(a[1] - b[1]) <= scale
-                and abs(a[2] - b[2]) <= _SKETCH_RTOL * max(a[2], b[2]))
+    """Whether two :func:`sketch` es are of the same values up to float64 rounding."""
+    big = max(a[0], b[0])
+    fa, fb = a[0] / big, b[0] / big  # powers of two ≤ 1: the sums in units of ``big``
+    scale = _SKETCH_RTOL * max(a[4] * fa, b[4] * fb)
+    return bool(abs(a[1] * fa - b[1] * fb) <= scale and abs(a[2] * fa - b[2] * fb) <= scale
+                and abs(a[3] * fa * fa - b[3] * fb * fb)
+                <= _SKETCH_RTOL * max(a[3] * fa * fa, b[3] * fb * fb))
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,7 +93,7 @@ class Sampled:
     input_fingerprint: str
     parameters: Mapping[str, str]
     nodes: tuple[tuple[str, str, tuple[int, ...]], ...]
-    sketches: Mapping[str, tuple[float, float, float, float]]
+    sketches: Mapping[str, tuple[float, float, float, float, float]]
 
     @classmethod
     def record(cls, net: Sequential, x: Array, config: QuantConfig, mode: str,

@@ -33,6 +33,7 @@ from typing import TextIO
 
 import numpy as np
 
+from ._checks import check_int, check_seed
 from ._config import QuantConfig
 from ._graph import Sequential, check_input, unknown_name_message, walk
 from ._linear import Linear
@@ -59,7 +60,8 @@ class NodeStats:
     mse_samples : the per-sample values, shape ``(S,)``.
     quantiles : ``q -> array`` of the node's shape, the per-element quantiles of the
         error (``numpy.quantile``, linear interpolation) over the first
-        ``quantile_samples`` samples; empty when none were kept.
+        ``quantile_samples`` samples; empty when none were kept (a hidden node not in
+        ``quantile_nodes=``).
     quantile_samples : how many samples the quantiles come from: all of them when
         the node's errors fit the memory budget (see :func:`monte_carlo`), else
         the first ones that fit (the same samples whatever the chunking), 0 for none.
@@ -136,8 +138,8 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
                 seed: int | None = 0, mode: str = "noise", chunk_size: int | None = None,
                 memory_limit: int = 2 ** 30, dtype: type | np.dtype | str = np.float64,
                 quantiles: Sequence[float] = (0.005, 0.5, 0.995), progress: bool | None = None,
-                weight_noise: str = "exact", nodes: str | Sequence[str] = "all"
-                ) -> MonteCarloResult:
+                weight_noise: str = "exact", nodes: str | Sequence[str] = "all",
+                quantile_nodes: str | Sequence[str] = ()) -> MonteCarloResult:
     """Sample the quantization error of ``net`` on ``x`` and run the real network.
 
     Parameters
@@ -147,7 +149,7 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
     config : QuantConfig; grids are fitted exactly as :func:`errprop.analyze`
         fits them (parameters per ``channel_axis=0``, activations and the input
         on the float activation, ``channel_axis=-1``).
-    samples : int ≥ 2.
+    samples : int ≥ 2 (a standard deviation needs two).
     seed : non-negative int, or None for fresh entropy (the seed used is in the
         result). Sample ``i`` of source ``k`` draws from the stream
         ``SeedSequence(seed, spawn_key=(k, i // 64))``, so results are the same
@@ -157,13 +159,14 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
         floor rounding, real stochastic rounding otherwise). See Notes.
     chunk_size : samples per chunk; default: as many as keep the chunk's live
         arrays under ``memory_limit`` bytes.
-    memory_limit : bytes, for a chunk's arrays and for the errors kept for the
-        quantiles: the output's (all samples; an error if they do not fit), then
-        the other recorded nodes' within half of what remains (see Notes).
+    memory_limit : int ≥ 1, bytes, for a chunk's arrays and for the errors kept for
+        the quantiles: the output's (all samples; an error if they do not fit), then
+        the ``quantile_nodes``' within half of what remains (see Notes). A chunk holds
+        at least one sample, whatever the limit.
     dtype : ``numpy.float64`` or ``numpy.float32`` (faster; warns when a
         quantization step is below ``1e-4`` of its tensor's largest value).
     quantiles : probabilities in [0, 1] for the per-element quantiles of the
-        error at the output and at every recorded node; ``()`` keeps no samples.
+        error at the output and at the ``quantile_nodes``; ``()`` keeps no samples.
     progress : None shows a progress line on stderr if it is a terminal and the
         run is expected to take over 2 s; True/False force it on/off.
     weight_noise : ``"exact"``, or ``"output"`` (noise mode only): a Linear
@@ -176,6 +179,10 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
     nodes : ``"all"`` (default), or the names of the nodes whose statistics to
         record; the output is always recorded. Each recorded node costs a few
         passes over its values per sample, so ``nodes=()`` is the fastest.
+    quantile_nodes : ``()`` (default: quantiles at the output only), ``"all"`` (every
+        recorded node), or names of recorded nodes that also get ``quantiles``. Exact
+        quantiles keep a node's samples and sort them at the end: at every node of the
+        benchmark MLP that was more than half of the run time.
 
     Returns
     -------
@@ -197,8 +204,8 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
     uses the float layer input, so it neglects the second-order ``ΔW·Δx``.
 
     Quantiles are exact order statistics (``numpy.quantile``) of kept samples, not
-    a streaming estimate. The output keeps every sample. The other recorded
-    nodes share half of ``memory_limit`` minus the output's kept bytes: when all
+    a streaming estimate. The output keeps every sample. The ``quantile_nodes``
+    share half of ``memory_limit`` minus the output's kept bytes: when all
     their samples fit they keep all; otherwise every node keeps the first ``K``
     samples that fit (``NodeStats.quantile_samples = K``; none when ``K < 2``), so
     their quantiles are those of a ``K``-sample run, the same for any chunking.
@@ -207,8 +214,10 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
     x = check_input(net, x)
     if not isinstance(config, QuantConfig):
         raise TypeError(f"monte_carlo: config must be a QuantConfig, got {type(config).__name__}")
-    samples = _check_int(samples, "samples", 2)
-    seed = _check_seed(seed)
+    samples = _check_samples(samples)
+    seed = check_seed(seed, "monte_carlo")
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy)
     run_dtype = _check_dtype(dtype)
     if mode not in _MODES:
         raise ValueError(f"monte_carlo: mode must be 'noise' or 'quantize', got {mode!r}")
@@ -219,12 +228,18 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
         raise ValueError("monte_carlo: weight_noise='output' samples the noise model, so it "
                          "needs mode='noise' (quantize mode quantizes every weight for real)")
     if chunk_size is not None:
-        chunk_size = _check_int(chunk_size, "chunk_size", 1)
-    memory_limit = _check_int(memory_limit, "memory_limit", 1)
+        chunk_size = check_int(chunk_size, "monte_carlo", "chunk_size", minimum=1)
+    memory_limit = check_int(memory_limit, "monte_carlo", "memory_limit (bytes)", minimum=1)
     qs = _check_quantiles(quantiles)
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"monte_carlo: progress must be None, True or False, got {progress!r}")
-    recorded = _check_nodes(net, nodes)
+    recorded = _check_nodes(net, nodes, "nodes")
+    every = isinstance(quantile_nodes, str) and quantile_nodes == "all"
+    with_quantiles = recorded if every else _check_nodes(net, quantile_nodes, "quantile_nodes")
+    for name in with_quantiles:
+        if name not in recorded:
+            raise ValueError(f"monte_carlo: quantile_nodes: node {name!r} is not recorded; "
+                             f"add it to nodes= (or pass nodes='all')")
 
     sources = config.sources(net)
     ops = dict(net.layers())
@@ -245,7 +260,7 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
                          f"for the quantiles needs {kept / 2**20:.0f} MiB, over memory_limit="
                          f"{memory_limit}; pass quantiles=(), fewer samples, or a larger "
                          f"memory_limit")
-    hidden = [n for n in recorded if n != out_name]
+    hidden = [n for n in with_quantiles if n != out_name]
     per_sample = itemsize * sum(ref.values[n].size for n in hidden)
     keep = 0
     if qs and per_sample:
@@ -257,7 +272,8 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
     chunk_size = min(chunk_size, samples)
 
     moments = {name: _Moments(ref.values[name], samples,
-                              (samples if qs else 0) if name == out_name else keep, run_dtype)
+                              (samples if qs else 0) if name == out_name else
+                              keep if name in hidden else 0, run_dtype)
                for name in recorded}
     streams = _Streams(seed)
     x_run = x.astype(run_dtype)
@@ -319,20 +335,11 @@ def _isatty(stream: TextIO) -> bool:
 
 
 # ---------------------------------------------------------------- validation
-def _check_int(value: object, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        extra = " (a standard deviation needs two samples)" if what == "samples" else ""
-        raise ValueError(f"monte_carlo: {what} must be an integer ≥ {minimum}{extra}, "
-                         f"got {value!r}")
-    return int(value)
-
-
-def _check_seed(seed: object) -> int:
-    if seed is None:
-        return int(np.random.SeedSequence().entropy)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"monte_carlo: seed must be a non-negative integer or None, got {seed!r}")
-    return int(seed)
+def _check_samples(samples: object) -> int:
+    try:
+        return check_int(samples, "monte_carlo", "samples", minimum=2)
+    except ValueError as e:
+        raise ValueError(f"{e} (a standard deviation needs two samples)") from None
 
 
 def _check_dtype(dtype: object) -> np.dtype:
@@ -361,20 +368,20 @@ def _check_quantiles(quantiles: object) -> tuple[float, ...]:
     return tuple(out)
 
 
-def _check_nodes(net: Sequential, nodes: object) -> list[str]:
-    """The recorded node names in execution order, the output always among them."""
+def _check_nodes(net: Sequential, nodes: object, what: str) -> list[str]:
+    """The chosen node names in execution order, the output always among them."""
     names = [info.name for info in net.nodes()]
     if isinstance(nodes, str):
         if nodes != "all":
-            raise ValueError(f"monte_carlo: nodes must be 'all' or a sequence of node names, "
+            raise ValueError(f"monte_carlo: {what} must be 'all' or a sequence of node names, "
                              f"got {nodes!r}")
         return names
     if not isinstance(nodes, Sequence):
-        raise TypeError(f"monte_carlo: nodes must be 'all' or a sequence of node names, "
+        raise TypeError(f"monte_carlo: {what} must be 'all' or a sequence of node names, "
                         f"got {nodes!r}")
     for name in nodes:
         if name not in names:
-            raise ValueError(f"monte_carlo: nodes: "
+            raise ValueError(f"monte_carlo: {what}: "
                              f"{unknown_name_message('node', str(name), names)}")
     chosen = set(nodes) | {names[-1]}
     return [n for n in names if n in chosen]

@@ -130,7 +130,16 @@ def test_sketch_tells_permutations_apart_and_tolerates_rounding():
     # the position weights follow the flat index across blocks (_BLOCK elements each)
     big = np.random.default_rng(3).standard_normal((1 << 20) + 5)
     ref = np.arange(big.size) * 0.6180339887498949 % 1.0 - 0.5
-    assert sketch(big)[1] == pytest.approx(float(big @ ref), rel=1e-12)
+    c = sketch(big)[0]
+    assert c == 2.0 ** np.ceil(np.log2(np.max(np.abs(big))))
+    assert sketch(big)[2] * c == pytest.approx(float(big @ ref), rel=1e-12)
+    # huge and tiny values: scaled by a power of two, nothing overflows or underflows
+    for scale in (1e300, 1e-300):
+        assert sketches_agree(sketch(v * scale), sketch(v * scale * (1 + 4e-16)))
+        assert not sketches_agree(sketch(v * scale), sketch(v * scale * (1 + 1e-6)))
+        assert not sketches_agree(sketch(v * scale), sketch(v * scale * 2))
+    assert sketches_agree(sketch(np.zeros(3)), sketch(np.zeros(3)))
+    assert not sketches_agree(sketch(np.zeros(3)), sketch(np.array([0, 1e-300, 0])))
 
 
 # ------------------------------------------------------------------ the '!' flag

@@ -305,10 +305,12 @@ def test_parallel_draws_and_statistics_match_serial(monkeypatch):
         pool = ThreadPoolExecutor(2)
         monkeypatch.setattr(_sampling, "_threads", lambda: pool)
         monkeypatch.setattr(_mc_passes, "_threads", lambda: pool)
-    threaded = monte_carlo(net, x, cfg, 12, chunk_size=6, dtype=np.float32, seed=19)
+    threaded = monte_carlo(net, x, cfg, 12, chunk_size=6, dtype=np.float32, seed=19,
+                           quantile_nodes="all")
     monkeypatch.setattr(_sampling, "_threads", lambda: None)
     monkeypatch.setattr(_mc_passes, "_threads", lambda: None)
-    serial = monte_carlo(net, x, cfg, 12, chunk_size=6, dtype=np.float32, seed=19)
+    serial = monte_carlo(net, x, cfg, 12, chunk_size=6, dtype=np.float32, seed=19,
+                         quantile_nodes="all")
     np.testing.assert_array_equal(threaded.errors, serial.errors)
     for name, node in serial.nodes.items():
         np.testing.assert_array_equal(threaded.nodes[name].mse_samples, node.mse_samples)
@@ -381,7 +383,7 @@ def test_node_quantiles_match_a_brute_force_run(rng):
     cfg = ep.QuantConfig(weights=ep.Uniform(bits, granularity="channel"))
     qs = (0.02, 0.3, 0.5, 0.9, 0.995)
     S = 4000
-    r = monte_carlo(net, x, cfg, S, seed=20, quantiles=qs, chunk_size=300)
+    r = monte_carlo(net, x, cfg, S, seed=20, quantiles=qs, chunk_size=300, quantile_nodes="all")
 
     S_ref = 40000
     g = np.random.default_rng(12345)
@@ -414,8 +416,9 @@ def test_node_quantiles_keep_the_first_samples_that_fit():
     out_bytes = S * 10 * 4 * 8  # the output keeps every sample (float64)
     hidden = 4 * 10 * 16 * 8  # fc1, tanh1, fc2, tanh2 per sample
     limit = out_bytes + 2 * (K_ * hidden + hidden // 2)
-    r = monte_carlo(net, x, cfg, S, seed=23, memory_limit=limit, chunk_size=3)
-    small = monte_carlo(net, x, cfg, K_, seed=23)  # the same first K samples
+    r = monte_carlo(net, x, cfg, S, seed=23, memory_limit=limit, chunk_size=3,
+                    quantile_nodes="all")
+    small = monte_carlo(net, x, cfg, K_, seed=23, quantile_nodes="all")  # the first K samples
     assert r.node("fc3").quantile_samples == S
     for name in ("fc1", "tanh1", "fc2", "tanh2"):
         assert r.node(name).quantile_samples == K_ and small.node(name).quantile_samples == K_
@@ -424,9 +427,35 @@ def test_node_quantiles_keep_the_first_samples_that_fit():
     # the moments still use every sample
     full = monte_carlo(net, x, cfg, S, seed=23)
     np.testing.assert_array_equal(r.node("fc1").mse_samples, full.node("fc1").mse_samples)
-    tiny = monte_carlo(net, x, cfg, S, seed=23, memory_limit=out_bytes + hidden, chunk_size=3)
+    tiny = monte_carlo(net, x, cfg, S, seed=23, memory_limit=out_bytes + hidden, chunk_size=3,
+                       quantile_nodes="all")
     assert tiny.node("fc1").quantile_samples == 0 and tiny.node("fc1").quantiles == {}
     assert tiny.node("fc3").quantile_samples == S
+
+
+def test_quantiles_at_the_output_only_by_default():
+    # exact quantiles at hidden nodes are opt-in (quantile_nodes=); what they are, and
+    # everything else, does not depend on which nodes keep samples
+    net, x, cfg = _mixed_transformer()
+    default = monte_carlo(net, x, cfg, 30, seed=25, chunk_size=7)
+    every = monte_carlo(net, x, cfg, 30, seed=25, chunk_size=7, quantile_nodes="all")
+    one = monte_carlo(net, x, cfg, 30, seed=25, chunk_size=7, quantile_nodes=["block0.res1"])
+    last = net.nodes()[-1].name
+    e = default.errors.astype(np.float64)
+    for q in (0.005, 0.5, 0.995):  # the output: numpy.quantile of its kept samples
+        np.testing.assert_allclose(default.quantiles[q], np.quantile(e, q, axis=0), rtol=1e-12)
+        np.testing.assert_array_equal(default.node(last).quantiles[q], default.quantiles[q])
+    for name, node in default.nodes.items():
+        hidden = name != last
+        assert (node.quantiles == {}) == hidden
+        assert node.quantile_samples == (0 if hidden else 30)
+        assert every.node(name).quantile_samples == 30
+        assert (one.node(name).quantile_samples == 30) == (name in ("block0.res1", last))
+        np.testing.assert_array_equal(node.mse_samples, every.node(name).mse_samples)
+        np.testing.assert_array_equal(node.mean, every.node(name).mean)
+    for q in every.quantiles:
+        np.testing.assert_array_equal(one.node("block0.res1").quantiles[q],
+                                      every.node("block0.res1").quantiles[q])
 
 
 def test_nodes_selects_what_is_recorded():
@@ -466,7 +495,7 @@ def test_results_do_not_depend_on_chunk_size(mode, weight_noise, dtype):
     net, x, cfg = _mixed_transformer()
     S = 70  # crosses a 64-sample stream block
     runs = [monte_carlo(net, x, cfg, S, mode=mode, chunk_size=c, weight_noise=weight_noise,
-                        dtype=dtype, seed=12) for c in (1, 7, S)]
+                        dtype=dtype, seed=12, quantile_nodes="all") for c in (1, 7, S)]
     assert [r.chunk_size for r in runs] == [1, 7, S]
     if weight_noise == "output":
         assert runs[0].fast_sources == ("block0.mlp.fc2.W",)
@@ -608,19 +637,37 @@ def _small():
 
 
 @pytest.mark.parametrize("kw,exc,match", [
-    (dict(samples=1), ValueError, "samples must be an integer ≥ 2.*got 1"),
-    (dict(samples=2.5), ValueError, "samples.*2.5"),
-    (dict(samples=True), ValueError, "samples.*True"),
+    (dict(samples=1), ValueError, r"samples must be an integer in \[2, inf\], got 1 \(a "
+                                  r"standard deviation needs two samples\)"),
+    (dict(samples=2.5), TypeError, r"samples must be an integer, got 2.5 \(float\)"),
+    (dict(samples=True), TypeError, r"samples must be an integer, got True \(bool\)"),
     (dict(mode="exact"), ValueError, "mode.*'exact'"),
     (dict(dtype=np.float16), ValueError, "dtype.*float16"),
     (dict(dtype="int32"), ValueError, "dtype.*'int32'"),
     (dict(weight_noise="fast"), ValueError, "weight_noise.*'fast'"),
     (dict(weight_noise="output", mode="quantize"), ValueError, "needs mode='noise'"),
     (dict(chunk_size=0), ValueError, "chunk_size.*got 0"),
+    (dict(chunk_size="8"), TypeError, r"chunk_size must be an integer, got '8' \(str\)"),
     (dict(memory_limit=-1), ValueError, "memory_limit.*-1"),
+    (dict(memory_limit=-5), ValueError, r"monte_carlo: memory_limit \(bytes\) must be an "
+                                        r"integer in \[1, inf\], got -5"),
+    (dict(memory_limit=0), ValueError, r"memory_limit \(bytes\) must be an integer in "
+                                       r"\[1, inf\], got 0"),
+    (dict(memory_limit="big"), TypeError, r"monte_carlo: memory_limit \(bytes\) must be an "
+                                          r"integer, got 'big' \(str\)"),
+    (dict(memory_limit=2.0 ** 30), TypeError, "memory_limit .* must be an integer, got "
+                                              "1073741824.0 \\(float\\)"),
+    (dict(memory_limit=None), TypeError, "memory_limit .* must be an integer, got None"),
     (dict(quantiles=(0.5, 1.5)), ValueError, "quantile.*1.5"),
     (dict(quantiles="0.5"), TypeError, "quantiles.*'0.5'"),
     (dict(seed=-3), ValueError, "seed.*-3"),
+    (dict(seed="abc"), ValueError, r"monte_carlo: seed must be a non-negative integer or None, "
+                                   r"got 'abc' \(str\)"),
+    (dict(seed=1.0), ValueError, r"seed must be a non-negative integer or None, got 1.0"),
+    (dict(quantile_nodes="fc1"), ValueError, "quantile_nodes must be 'all' or a sequence"),
+    (dict(quantile_nodes=["fc9"]), ValueError, "quantile_nodes: .*'fc9'.*did you mean"),
+    (dict(quantile_nodes=["fc1"], nodes=()), ValueError,
+     "quantile_nodes: node 'fc1' is not recorded; add it to nodes="),
     (dict(progress="yes"), TypeError, "progress.*'yes'"),
 ])
 def test_bad_options(kw, exc, match):
