@@ -10,7 +10,8 @@ import numpy as np
 from .._allocate import Allocation
 from .._budget import Budget
 from .._report import Report
-from ._style import BLUE, GREY, KINDS, VERMILION, axes_for, legend_above, log_ticks
+from ._labels import axis_title, legend_above, short_names
+from ._style import BLUE, GREY, KINDS, VERMILION, axes_for, log_ticks
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -85,9 +86,12 @@ def budget_bars(data: Report | Budget, ax: Axes | None = None, *,
 
     Returns
     -------
-    The Axes. Layers run top to bottom in execution order.
+    The Axes. Layers run top to bottom in execution order; a dotted prefix all layer
+    names share is named once in the axis label, and long names are shortened in the
+    middle (``…``), staying unique.
     """
     layers, stacks = budget_table(data, value)
+    labels, prefix = short_names(layers)
     with axes_for(ax, "budget_bars") as ax:
         pos = np.arange(len(layers))
         left = np.zeros(len(layers))
@@ -97,14 +101,14 @@ def budget_bars(data: Report | Budget, ax: Axes | None = None, *,
             ax.barh(pos, widths, left=left, height=0.7, color=colour, label=label,
                     edgecolor="white", linewidth=0.3)
             left += widths
-        ax.set_yticks(pos, layers)
+        ax.set_yticks(pos, labels)
         ax.set_ylim(len(layers) - 0.5, -0.5)
         ax.set_xlim(0, max(float(left.max()) if len(left) else 0.0, 1e-300) * 1.05)
         ax.set_xlabel("share of predicted output MSE (%)" if value == "share"
                       else "predicted output MSE (output units²)")
-        ax.set_ylabel("layer")
+        ax.set_ylabel(axis_title("layer", prefix))
         ax.grid(axis="y", visible=False)
-        ax.legend(loc="lower right", title="source", title_fontsize=7)
+        legend_above(ax, ncols=min(len(stacks), 3))
         return ax
 
 
@@ -120,11 +124,13 @@ def bit_allocation(allocation: Allocation, ax: Axes | None = None) -> Axes:
     Returns
     -------
     The Axes of the bars (the contributions are on ``ax``'s twin, in the same figure).
+    Layer names are shortened as in :func:`budget_bars`.
     """
     if not isinstance(allocation, Allocation):
         raise TypeError(f"bit_allocation: expected an errprop Allocation (from plan_bits), "
                         f"got {type(allocation).__name__}")
     layers = list(allocation.bits)
+    labels, prefix = short_names(layers)
     uniform = allocation.uniform_bits
     runs = [("allocated", [allocation.bits[l] for l in layers], BLUE, "", "o")]
     if uniform is not None:
@@ -141,13 +147,13 @@ def bit_allocation(allocation: Allocation, ax: Axes | None = None) -> Axes:
             mse = [allocation.contributions[l][b] for l, b in zip(layers, bits)]
             handles += twin.plot(x, mse, ls="none", marker=marker, color=VERMILION,
                                  mfc="white" if hatch else VERMILION, mew=1.0,
-                                 label=f"predicted MSE, {name.split()[0]}")
+                                 label=f"MSE ({name.split()[0]})")
         top = max(max(allocation.bits.values()), uniform or 0)
         ax.set_ylim(0, top + 1)
         ax.set_yticks(range(0, top + 1, 2 if top > 8 else 1))
         ax.set_ylabel("weight bits")
-        ax.set_xticks(pos, layers, rotation=30, ha="right", rotation_mode="anchor")
-        ax.set_xlabel("layer")
+        ax.set_xticks(pos, labels)
+        ax.set_xlabel(axis_title("layer", prefix))
         ax.grid(axis="x", visible=False)
         twin.set_yscale("log")
         log_ticks(twin.yaxis)

@@ -11,7 +11,8 @@ import numpy as np
 from .._graph import unknown_name_message
 from .._montecarlo import MonteCarloResult
 from .._report import Report
-from ._style import BLACK, BLUE, GREEN, VERMILION, axes_for, legend_above, log_ticks
+from ._labels import axis_title, legend_above, middle_ellipsis, short_names
+from ._style import BLACK, BLUE, GREEN, VERMILION, axes_for, log_ticks
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -109,7 +110,8 @@ def error_growth(report: Report, mc: MonteCarloResult | None = None, ax: Axes | 
     Returns
     -------
     The Axes. Nodes where the analytic RMS leaves the Monte Carlo interval (first order
-    has broken down there) are marked ``*`` on the x axis.
+    has broken down there) are marked ``*`` on the x axis. Node names are shortened as in
+    :func:`budget_bars`.
     """
     _check(report, mc, "error_growth", False)
     rows = node_rms(report, mc, nodes=nodes, probes=probes, seed=seed)
@@ -136,10 +138,10 @@ def error_growth(report: Report, mc: MonteCarloResult | None = None, ax: Axes | 
                         label="Monte Carlo, 99% CI")
         ax.set_yscale("log")
         log_ticks(ax.yaxis)
-        ax.set_xticks(pos, [r.name + (" *" if r.disagrees else "") for r in rows],
-                      rotation=45, ha="right", rotation_mode="anchor")
+        labels, prefix = short_names([r.name for r in rows])
+        ax.set_xticks(pos, [s + (" *" if r.disagrees else "") for s, r in zip(labels, rows)])
         ax.set_xlim(-0.5, len(rows) - 0.5)
-        ax.set_xlabel("node (execution order)")
+        ax.set_xlabel(axis_title("node (execution order)", prefix))
         ax.set_ylabel("RMS error (node units)")
         legend_above(ax, ncols=2)
         return ax
@@ -200,7 +202,7 @@ def parity(report: Report, mc: MonteCarloResult, ax: Axes | None = None, *,
             keep = (x > 0) & (y > 0)
             x, y = x[keep], y[keep]
             ax.plot(x, y, ls="none", marker="o", ms=2, alpha=0.5, mew=0, color=BLUE,
-                    label=f"{name}: {x.size} elements")
+                    label=f"{middle_ellipsis(name, 28)}: {x.size} elements")
             ax.set_xlabel("Monte Carlo error std (node units)")
             ax.set_ylabel("analytic error std (node units)")
         if x.size:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._files import make_readable
+from ._labels import fit
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -115,7 +116,9 @@ paper_style = style
 
 @contextmanager
 def axes_for(ax: Any, what: str) -> Iterator[Axes]:
-    """Yield ``ax`` (checked), or a new figure's Axes drawn in the paper style."""
+    """Yield ``ax`` (checked), or a new figure's Axes drawn in the paper style; after the
+    block, fit its labels (:func:`errprop.plots._labels.fit`: only a figure made here
+    may grow)."""
     from matplotlib.axes import Axes
 
     if ax is not None:
@@ -123,18 +126,14 @@ def axes_for(ax: Any, what: str) -> Iterator[Axes]:
             raise TypeError(f"{what}: ax must be a matplotlib Axes or None, "
                             f"got {type(ax).__name__}")
         yield ax
+        fit(ax, owned=False)
         return
     import matplotlib.pyplot as plt
 
     with nullcontext() if _active else style("single"):
         _, new = plt.subplots()
         yield new
-
-
-def legend_above(ax: Axes, ncols: int = 2, **kwargs: Any) -> None:
-    """A legend in a band above the axes: it never covers the data."""
-    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01), ncols=ncols, borderaxespad=0.0,
-              columnspacing=1.2, **kwargs)
+        fit(new, owned=True)
 
 
 def log_ticks(axis: Any) -> None:

@@ -12,7 +12,8 @@ from .._convergence import Convergence
 from .._report import Report
 from .._sensitivity import SensitivityResult
 from .._sweep import DEFAULTS, SweepResult
-from ._style import BLACK, GREEN, PALETTE, axes_for, legend_above, log_ticks
+from ._labels import legend_above, short_names
+from ._style import BLACK, GREEN, PALETTE, axes_for, log_ticks
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -107,7 +108,8 @@ def bits_sweep(data: Any, ax: Axes | None = None, *, metric: str = "sqnr",
     ----------
     data : ``{bits: Report}`` or ``[(bits, Report), ...]`` (exact and predicted), a
         :class:`~errprop.Convergence` (exact SQNR) or a :class:`~errprop.SweepResult`
-        (exact, predicted and Monte Carlo, one colour per model; seeds averaged).
+        (exact, predicted and Monte Carlo, one colour per model; seeds averaged; long
+        model names are shortened in the middle).
     metric : ``"sqnr"`` (dB, ``20·log10(‖y‖/‖Δy‖)``) or ``"mse"`` (log scale).
     axis : the sweep axis on x (a :data:`errprop._sweep.DEFAULTS` key, e.g. ``"weights"``).
     reference : draw 6.02 dB per bit (MSE ÷ 4 per bit) through the exact points.
@@ -119,6 +121,7 @@ def bits_sweep(data: Any, ax: Axes | None = None, *, metric: str = "sqnr",
     series = bits_series(data, metric, axis)
     groups = list(dict.fromkeys(label.rsplit(": ", 1)[0] if ": " in label else ""
                                 for label in series))
+    short = dict(zip(groups, short_names(groups, 32, elide_prefix=False)[0]))
     styles = {"exact": ("-", "o", "full"), "predicted": ("--", "s", "none"),
               "Monte Carlo": (":", "D", "none")}
     with axes_for(ax, "bits_sweep") as ax:
@@ -127,7 +130,8 @@ def bits_sweep(data: Any, ax: Axes | None = None, *, metric: str = "sqnr",
             colour = PALETTE[groups.index(group) % len(PALETTE)] if group else \
                 {"exact": BLACK, "predicted": PALETTE[0], "Monte Carlo": PALETTE[3]}[what]
             ls, marker, fill = styles[what]
-            ax.plot(x, y, ls=ls, marker=marker, fillstyle=fill, color=colour, label=label)
+            ax.plot(x, y, ls=ls, marker=marker, fillstyle=fill, color=colour,
+                    label=f"{short[group]}: {what}" if group else label)
         if reference:
             xs, ys = zip(*(v for k, v in series.items() if k.endswith("exact")))
             x, y = np.concatenate(xs), np.concatenate(ys)
