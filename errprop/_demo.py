@@ -30,6 +30,7 @@ from ._builders import mlp, transformer
 from ._compare import Comparison
 from ._config import QuantConfig
 from ._demo_figures import _allocation_figure, _budget_figure, _growth_figure
+from ._demo_notes import GLOSSARY, budget_bounds, node_bounds, vacuous_line
 from ._files import write_text
 from ._graph import Sequential
 from ._io import load
@@ -130,8 +131,12 @@ def _render(blocks: Blocks, markdown: bool) -> list[str]:
             out += [item, ""] if markdown else [item]
         elif kind == "budget":
             table = item.table()
-            out += ([item.to_markdown().rstrip(), "", table.splitlines()[-1], ""]
-                    if markdown else ["", table])
+            # the budget's "worst case" is the first-order one: say so where it is shown
+            md = item.to_markdown().rstrip().replace("| worst case |",
+                                                     "| first-order worst case |", 1)
+            out += ([md, "", table.splitlines()[-1], ""] if markdown else
+                    ["", table, "(worst case: the first-order worst case, all errors at "
+                                "their box edge with the worst sign; see report.md)"])
         elif markdown:
             out += ["| " + " | ".join(r) + " |" for r in item[:1]]
             out += ["|---|" + "---:|" * (len(item[0]) - 1)]
@@ -158,16 +163,22 @@ def _analyse(case: _Case, bits: int, samples: int, probes: int,
         "analytic_mse": report.mse, "mc_mse": mc.mse, "mc_mse_ci99": list(mc.mse_ci),
         "mc_samples": samples, "first_order_residual": report.residual,
         "flagged_nodes": comparison.flagged, "budget": json.loads(budget.to_json()),
+        "budget_worst_case_bounds": budget_bounds(report, budget),
         "nodes": [{"node": r.name, "kind": r.kind, "rms_exact": r.rms_exact,
                    "rms_first_order": r.rms_first_order, "rms_analytic": r.rms_analytic,
-                   "rms_mc": r.rms_mc, "rms_mc_ci99": r.rms_mc_ci, "flagged": r.disagrees}
-                  for r in comparison.rows]}
+                   "rms_mc": r.rms_mc, "rms_mc_ci99": r.rms_mc_ci, "flagged": r.disagrees,
+                   "worst_case_bound": bound}
+                  for r, bound in zip(comparison.rows,
+                                      node_bounds(report, comparison).values())]}
     blocks: Blocks = [
         ("head", f"W{bits}A{bits} (weights per channel, activations per tensor)"),
         ("line", f"output SQNR {report.sqnr_db:.1f} dB; output MSE exact "
                  f"{report.exact_mse:.3g}, analytic {report.mse:.3g}, Monte Carlo {mc.mse:.3g} "
                  f"[{mc.mse_ci[0]:.3g}, {mc.mse_ci[1]:.3g}] (99%, {samples} samples)"),
         ("budget", budget)]
+    vacuous = vacuous_line(doc["budget_worst_case_bounds"], "first-order worst cases")
+    if vacuous:
+        blocks.append(("line", vacuous))
     if comparison.flagged:
         blocks.append(("line", f"first order leaves the Monte Carlo interval at: "
                                f"{', '.join(comparison.flagged)}"))
@@ -244,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
           f"{', '.join(map(str, bits))} bits; Monte Carlo {samples} samples; weight bits "
           f"allocated for output SQNR >= {args.target_sqnr:g} dB, verified on held-out "
           f"inputs. SQNR = 20·log10(‖y‖/‖Δy‖). Activation errors are noise: compare them "
-          f"statistically (analytic, Monte Carlo), not pointwise.", ""]
+          f"statistically (analytic, Monte Carlo), not pointwise. Every column is defined "
+          f"in the [glossary](#glossary) at the end.", ""]
     plans: dict[str, dict[str, Any]] = {}
     files = []
     for case in cases:
@@ -276,12 +288,16 @@ def run(args: argparse.Namespace) -> int:
                *_render(blocks, markdown=True)]
         for b, comparison in comparisons.items():
             md += [f"Per node at W{b}A{b}: exact, first and second order, analytic (noise "
-                   f"model) and Monte Carlo RMS error:", "", "```", comparison.table(), "```",
-                   ""]
+                   f"model) and Monte Carlo RMS error; max worst is the first-order worst "
+                   f"case:", "", "```", comparison.table(), "```", ""]
+            vacuous = vacuous_line(node_bounds(reports[b], comparison),
+                                   "first-order max worst bounds")
+            md += [vacuous, ""] if vacuous else []
     if plans:
         _allocation_figure(plans, args.target_sqnr, out / "allocation.png")
         files.append("allocation.png")
         md += ["## allocation", "", "![allocation.png](allocation.png)", ""]
+    md.append(GLOSSARY)
     doc["seconds"] = time.perf_counter() - start
     write_text(out / "report.json", json_text(doc))
     write_text(out / "report.md", "\n".join(md))
@@ -298,12 +314,14 @@ _sqnr = number(float, low=0, high=100, above=True, what="a target SQNR in (0, 10
 DESCRIPTION = """\
 Run errprop on three built-in models: a seeded GELU MLP, a seeded 2-block transformer and
 a real MLP trained on scikit-learn's digits (shipped with errprop). For each, print the
-error budget per layer (injected MSE, share of the output MSE, gain, worst case, exact MSE
-with only that layer quantized), where first order leaves the Monte Carlo interval, and
-a per-layer weight-bit allocation for a target SQNR next to the cheapest uniform width
-(cost, exact SQNR on held-out inputs, and the digits' classification accuracy). Write
-report.md, report.json and figures (budget per layer by source kind, error growth across
-nodes: exact / first order / Monte Carlo, bits per layer) into --out.
+error budget per layer (injected MSE, share of the output MSE, gain, first-order worst
+case, exact MSE with only that layer quantized), where first order leaves the Monte Carlo
+interval, and a per-layer weight-bit allocation for a target SQNR next to the cheapest
+uniform width (cost, exact SQNR on held-out inputs, and the digits' classification
+accuracy). Write report.md (with a glossary of every column, and the worst-case bounds
+that are vacuous: above 100x the largest exact error or the values' own scale),
+report.json and figures (budget per layer by source kind, error growth across nodes: exact
+/ first order / Monte Carlo, bits per layer) into --out.
 """
 
 
