@@ -28,8 +28,12 @@ and errprop/_cli_*.py. Do not edit by hand: change the parser, then rerun the sc
 (tests/test_reference_docs.py fails while this file is stale). -->
 
 `errprop COMMAND [options]`, or `python -m errprop COMMAND [options]`. Every command takes
-`--help`. A bad command line or bad input exits with code 2 and one line on stderr
-(`errprop: error: ...`). The user guide ([guide.md](guide.md)) shows the commands in
+`--help`. Errors never print a traceback: a bad command line or bad input (a malformed
+or hostile file, sizes over the memory limit, a busy sweep folder) exits with code 2 and
+one line on stderr (`errprop: error: ...`); an exception errprop did not expect exits with
+code 1 and one line (`errprop: internal error: ...`, a bug: please report it, with the
+traceback that `--traceback` prints). Commands that load a model refuse files whose loading
+runs code (TorchScript) unless `--trust-code`. The user guide ([guide.md](guide.md)) shows the commands in
 context; [budgets.md](budgets.md), [real-models.md](real-models.md),
 [sensitivity.md](sensitivity.md) and [sweeps.md](sweeps.md) explain their output.
 """
