@@ -171,13 +171,13 @@ def fit(ax: Axes, owned: bool) -> None:
     """Make the tick labels, axis labels and the legend of ``ax`` readable (see the module
     docstring). ``owned``: the plot created the figure and may resize it."""
     fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    _fit_legend(ax, owned, renderer)  # a legend too wide squeezes the axes: fit it first
     renderer = _probe(fig)
-    axes = {"x": ax.xaxis, "y": ax.yaxis}
-    labels = {k: _categories(a) for k, a in axes.items()}
+    labels = {"x": _categories(ax.xaxis), "y": _categories(ax.yaxis)}
     if labels["x"]:
         _rotate(labels["x"], _x_angle(labels["x"], renderer, fig,
                                       _pitch(ax, "x", len(labels["x"]), renderer)))
-    _fit_legend(ax, owned, renderer)
     if owned:
         _grow(ax, labels)
         renderer = _probe(fig)
