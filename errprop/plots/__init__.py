@@ -3,7 +3,11 @@
 Every plotting function takes ``ax=None`` and returns the Axes it drew into; without
 ``ax`` it makes a new figure in the paper style (single column unless a :func:`style`
 block is active). Nothing here calls ``plt.show()`` or changes rcParams outside
-:func:`style`. :func:`save` writes PDF and PNG atomically and reproducibly::
+:func:`style`. Long layer names and many layers stay readable: a dotted prefix all names share is
+named once in the axis label, long names are shortened in the middle (``…``) and stay
+unique, tick labels tilt or stand up when they must, and a figure the plot made grows
+(a caller's ``ax`` is never resized: its labels get a smaller font, or only every k-th
+is shown). :func:`save` writes PDF and PNG atomically and reproducibly::
 
     import errprop.plots as epp
 
