@@ -16,6 +16,7 @@ from ._budget_matrix import BudgetMatrix, budget_matrix
 from ._layer_split import LayerSplit, SplitRow, layer_split
 from ._bert import encode, load_bert, minilm_path, tokenize
 from ._embedding import Embedding
+from ._files import FileFormatError, UntrustedCodeError
 from ._io import load, mask_padding, save
 from ._convergence import Convergence, ConvergenceRow, convergence
 from ._demo import digits_mlp
@@ -62,6 +63,7 @@ __all__ = [
     "ConvergenceRow",
     "Embedding",
     "ErrorModel",
+    "FileFormatError",
     "FloatFormat",
     "Fixed",
     "GradientError",
@@ -100,6 +102,7 @@ __all__ = [
     "ThresholdRow",
     "ThresholdWeights",
     "Uniform",
+    "UntrustedCodeError",
     "UniformGrid",
     "accumulator_bits",
     "allocate_bits",

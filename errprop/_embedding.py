@@ -96,6 +96,11 @@ class Embedding(Op):
             raise ValueError(f"{self._label()}: {tokens} tokens, but the position table has "
                              f"{self.params['position'].shape[0]} rows")
         if self.pad_id is not None:
+            if self.mask is not None and ids.shape[-2:] != self.mask.shape:
+                raise ValueError(f"{self._label()}: the padding mask has shape {self.mask.shape}"
+                                 f" (batch, tokens) but the ids have shape {ids.shape}; make "
+                                 f"the mask from these ids: errprop.mask_padding(net, ids != "
+                                 f"{self.pad_id})")
             real = as_int != self.pad_id
             expected = np.ones(ids.shape[-2:], bool) if self.mask is None else self.mask
             if real.shape[-2:] != expected.shape or not np.all(real == expected):

@@ -59,3 +59,17 @@ def test_uniform_symmetric_false_is_really_asymmetric():
     x = np.array([0.0, 1.0, 3.0])
     assert ep.Uniform(8, symmetric=False).fit(x).zero_point.ravel()[0] == 0
     assert ep.Uniform(8, symmetric=np.False_).fit(x).qmin == 0
+
+
+def test_mask_of_the_wrong_shape_is_named_not_blamed_on_padding():
+    W = np.random.default_rng(0).standard_normal((10, 8))
+    net = ep.mask_padding(ep.Sequential([ep.Embedding(W, pad_id=0), ep.MeanPool()]),
+                          np.ones((2, 4), bool))
+    with pytest.raises(ValueError, match=r"padding mask has shape \(2, 4\).*ids have shape "
+                                         r"\(2, 3\)"):
+        net(np.ones((2, 3)))
+
+
+def test_file_errors_are_public():
+    assert issubclass(ep.FileFormatError, ValueError)
+    assert issubclass(ep.UntrustedCodeError, ValueError)
