@@ -37,6 +37,7 @@ from ._wage import (WAGE, GradientError, GradientErrorRow, ShiftQuantizer, gradi
                     smoothed_sr_variance)
 from ._compare import Comparison, ComparisonRow
 from ._probes import NodeStatistics
+from ._rigorous import RigorousBoundUnavailable
 from ._report import NodeResult, Report, SourceResult, relative_residual, sqnr_db
 from ._sensitivity import (NoiseGain, SensitivityResult, SensitivityRow, compare_blocks,
                            noise_gain, sensitivity_network)
@@ -97,6 +98,7 @@ __all__ = [
     "SensitivityResult",
     "SensitivityRow",
     "SplitRow",
+    "RigorousBoundUnavailable",
     "SweepResult",
     "SourceResult",
     "ThresholdRow",

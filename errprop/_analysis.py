@@ -30,6 +30,7 @@ from ._report import NodeResult, Report, SourceResult
 from ._budget import Budget, budget
 from ._passes import bound_pass, second_order_pass
 from ._probes import NodeStatistics, node_statistics
+from ._rigorous import rigorous_pass
 from ._statistics import OutputStatistics, output_statistics
 
 
@@ -214,8 +215,12 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
     def error_budget(by: str, exact: bool) -> Budget:
         return budget(net, x, report, by=by, exact=exact, seed=0 if seed is None else seed)
 
+    def rigorous() -> object:
+        return rigorous_pass(net, x, ordered)
+
     passes = {"statistics": statistics, "probes": probes, "second_order": second_order,
-              "interval": interval, "norm_bound": norm_bound, "budget": error_budget}
+              "interval": interval, "norm_bound": norm_bound, "budget": error_budget,
+              "rigorous": rigorous}
     # hook: source x node budget matrix and local/propagated split (errprop/_budget_matrix.py)
     from ._budget_matrix import budget_matrix
     from ._layer_split import layer_split

@@ -279,14 +279,14 @@ def test_mse_clip_is_no_worse_than_minmax_and_near_the_best(bits, granularity, s
     sse = _group_sse(x, grid.quantize(x), labels)
     sse_minmax = _group_sse(x, ref_fit(x, **spec).quantize(x), labels)
     best = np.min([_group_sse(x, ref_fit(x, ratio=r, **spec).quantize(x), labels)
-                   for r in np.linspace(0.3, 1.0, 351)], axis=0)
+                   for r in np.linspace(0.005, 1.0, 400)], axis=0)
     assert np.all(sse <= sse_minmax * (1 + 1e-12))
-    # the chosen clip is within a small factor of the best over a 0.002-step grid
+    # the chosen clip is within a small factor of the best over a 0.0025-step grid
     assert np.all(sse <= 1.2 * best)
-    # and the chosen range is a ratio in [0.3, 1] of the min-max range
+    # and the chosen range is a ratio in [1e-3, 1] of the min-max range
     minmax_scale = ref_fit(x, **spec).scale
     ratio = np.broadcast_to(grid.scale, x.shape) / minmax_scale
-    assert np.all((ratio >= 0.3 - 1e-12) & (ratio <= 1 + 1e-12))
+    assert np.all((ratio >= 1e-3 * (1 - 1e-12)) & (ratio <= 1 + 1e-12))
 
 
 # ----------------------------------------------------------------------- 2. error model
@@ -389,7 +389,9 @@ def test_floor_rounding_mean_error_is_minus_half_a_step():
     assert np.all((e <= 0) & (e > -s * (1 + 1e-12)))
     # e ~ U(-s, 0]: its sample mean has standard error s / sqrt(12 N)
     assert abs(e.mean() + s / 2) <= 5 * s / np.sqrt(12 * x.size)
-    assert np.mean(grid.error_model(x).mean) == pytest.approx(-s / 2, rel=1e-12)
+    free = np.floor(x / s) * s != x  # values on the grid (the range's end) stay exact
+    assert np.mean(grid.error_model(x).mean) == pytest.approx(-s / 2 * np.mean(free),
+                                                              rel=1e-12)
     # the sample variance of U(-s, 0] has relative standard error sqrt(0.8 / N)
     assert np.var(e) == pytest.approx(s * s / 12, rel=5 * np.sqrt(0.8 / x.size))
 
@@ -528,10 +530,14 @@ def test_analyze_exact_error_matches_reference_forward(case, mlp_and_input):
         p = ops[layer].params[param]
         np.testing.assert_array_equal(report.sources[name].error,
                                       ref_fake_quant(p, spec, channel_axis=0) - p)
+    first = net.layers()[0][0]
     for layer, spec in ref_spec.get("acts", {}).items():
         a = float_inputs[layer]
-        np.testing.assert_array_equal(report.sources[f"{layer}.in"].error,
-                                      ref_fake_quant(a, spec, channel_axis=-1) - a)
+        grid = ref_fit(a, channel_axis=-1, **spec)  # calibrated on the float activation
+        if layer == first and "inp" in ref_spec:
+            # the first layer reads the quantized network input: one rounding, not two
+            a = ref_fake_quant(x, ref_spec["inp"], channel_axis=-1)
+        np.testing.assert_array_equal(report.sources[f"{layer}.in"].error, grid.quantize(a) - a)
     if "inp" in ref_spec:
         np.testing.assert_array_equal(report.sources["input"].error,
                                       ref_fake_quant(x, ref_spec["inp"], channel_axis=-1) - x)
@@ -655,7 +661,7 @@ def test_group_size_must_divide_the_last_axis():
 
 @pytest.mark.parametrize("percentile", [0, -1, 100.5, float("nan")])
 def test_bad_percentile(percentile):
-    with pytest.raises(ValueError, match="percentile must be in"):
+    with pytest.raises(ValueError, match="percentile must be (in|a number)"):
         ep.Uniform(8, clip="percentile", percentile=percentile)
 
 

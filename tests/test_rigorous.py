@@ -283,9 +283,6 @@ def test_refuses_a_quantizer_without_an_enclosure_by_source():
 
 
 # ------------------------------------------------------------------ the Report API
-@pytest.mark.xfail(raises=ValueError, strict=False,
-                   reason="needs analyze() to register the 'rigorous' pass (one line in "
-                          "errprop/_analysis.py, owned by the lead); remove this marker then")
 def test_report_exposes_the_rigorous_bound_and_kink_flags():
     rng = np.random.default_rng(9)
     net = ep.mlp([3, 8, 2], "relu", seed=4)
