@@ -56,3 +56,17 @@ def mlp_case(rng):
     config = ep.QuantConfig(weights=ep.Uniform(6, granularity="channel"),
                             activations=ep.Uniform(8), biases=ep.Uniform(8))
     return net, x, ep.analyze(net, x, config)
+
+
+def off_grid(v, step):
+    """Where ``v`` is *not* a multiple of ``step`` (a reference written for the tests, not
+    errprop's): values on the grid, like a minmax grid's largest |v|, round exactly and
+    carry no error under errprop's model."""
+    v = np.asarray(v, dtype=np.float64)
+    return np.abs(np.rint(v / step) * step - v) > 8 * np.finfo(np.float64).eps * np.abs(v)
+
+
+@pytest.fixture
+def free():
+    """:func:`off_grid` as a fixture."""
+    return off_grid

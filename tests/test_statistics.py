@@ -18,7 +18,7 @@ def _step(q, v):
 
 
 @pytest.mark.parametrize("tokens", [None, 3])
-def test_single_linear_closed_forms(tokens, rng):
+def test_single_linear_closed_forms(tokens, rng, free):
     W, b = rng.standard_normal((5, 7)), rng.standard_normal(5)
     shape = (4, 7) if tokens is None else (4, tokens, 7)
     x = rng.standard_normal(shape)
@@ -26,16 +26,18 @@ def test_single_linear_closed_forms(tokens, rng):
     qw, qb = ep.Uniform(6), ep.Uniform(4)
     r = ep.analyze(net, x, ep.QuantConfig(weights=qw, biases=qb))
     sw, sb = _step(qw, W), _step(qb, b)
+    # the largest |W| and |b| lie on their grids: no error there
+    fw, fb = free(W, sw), free(b, sb)
     if tokens is None:
-        std = np.sqrt(sw ** 2 / 12 * (x ** 2).sum(-1, keepdims=True) + sb ** 2 / 12)
-        worst = sw / 2 * np.abs(x).sum(-1, keepdims=True) + sb / 2
+        std = np.sqrt(sw ** 2 / 12 * (x ** 2) @ fw.T + sb ** 2 / 12 * fb)
+        worst = sw / 2 * np.abs(x) @ fw.T + sb / 2 * fb
         np.testing.assert_allclose(r.std, np.broadcast_to(std, r.std.shape), rtol=1e-12)
         np.testing.assert_allclose(r.worst_case, np.broadcast_to(worst, r.std.shape),
                                    rtol=1e-12)
     else:
         # the same weight error hits every token of a sequence: Var Δy[t, a] is still
         # s²/12·Σ_j x[t, j]² per element, but tokens are correlated (checked below)
-        std = np.sqrt(sw ** 2 / 12 * (x ** 2).sum(-1, keepdims=True) + sb ** 2 / 12)
+        std = np.sqrt(sw ** 2 / 12 * (x ** 2) @ fw.T + sb ** 2 / 12 * fb)
         np.testing.assert_allclose(r.std, np.broadcast_to(std, r.std.shape), rtol=1e-12)
     np.testing.assert_allclose(r.mean, 0.0, atol=1e-15)
     assert r.mse == pytest.approx(np.mean(r.std ** 2), rel=1e-12)
@@ -46,8 +48,8 @@ def test_floor_rounding_mean(rng):
     q = ep.Uniform(5, rounding="floor")
     r = ep.analyze(ep.Sequential([ep.Linear(W)]), x, ep.QuantConfig(weights=q))
     s = _step(q, W)
-    np.testing.assert_allclose(r.mean, np.broadcast_to(-s / 2 * x.sum(-1, keepdims=True),
-                                                       r.mean.shape), rtol=1e-12)
+    fw = np.floor(W / s) * s != W  # the largest |W| is on the grid: floor keeps it
+    np.testing.assert_allclose(r.mean, -s / 2 * x @ fw.T, rtol=1e-12)
     assert r.mse == pytest.approx(np.mean(r.std ** 2 + r.mean ** 2), rel=1e-12)
 
 
@@ -81,7 +83,7 @@ def _mlp_first_order(Ws, bs, x, dWs):
 
 
 @pytest.fixture
-def small_mlp(rng):
+def small_mlp(rng, free):
     net = ep.mlp([6, 12, 9, 4], "tanh", seed=3)
     x = rng.standard_normal((7, 6))
     q = ep.Uniform(5, granularity="channel")
@@ -89,6 +91,8 @@ def small_mlp(rng):
     Ws = [op.params["W"] for _, op in net.layers() if "W" in op.params]
     bs = [op.params["b"] for _, op in net.layers() if "W" in op.params]
     steps = [np.broadcast_to(q.fit(W).scale, W.shape) for W in Ws]
+    # each row's maximum is on its grid and exact: its box has width 0
+    steps = [np.where(free(W, s), s, 0.0) for W, s in zip(Ws, steps)]
     return r, Ws, bs, x, steps
 
 
