@@ -153,7 +153,7 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
     memory_limit = int(check_real(memory_limit, "analyze", "memory_limit (bytes)",
                                   positive=True))
     statistics_work_limit = check_real(statistics_work_limit, "analyze",
-                                       "statistics_work_limit (multiply-adds)", positive=True,
+                                       "statistics_work_limit (multiply-adds)", minimum=0.0,
                                        finite=False)
     x = check_input(net, x)
     rng = check_rng(rng, "analyze")

@@ -50,9 +50,8 @@ class ErrorModel:
         ``Var e = s²/12``; for stochastic rounding the exact law given the
         value (``Var e = p(1-p)s²``); for floor ``E e = -s/2``, ``Var e = s²/12``.
         Clipped elements carry their exact, deterministic clipping error
-        (``mean = e``, ``var = 0``), and so do values already on the grid (zeros,
-        unit gammas, re-quantized values: ``e`` is 0 up to float roundoff), which no
-        rounding moves.
+        (``mean = e``, ``var = 0``); values already on the grid (zeros, unit gammas,
+        re-quantized values), which no rounding moves, have ``mean = var = 0``.
     clipped : bool array, the elements outside the representable range.
     width : array, the length of an interval that surely contains ``e`` (``s`` for
         every rounding mode; 0 where the error is deterministic: clipped elements
@@ -170,9 +169,9 @@ class UniformGrid:
     def error_model(self, x: Array) -> ErrorModel:
         """Per-element error model of quantizing ``x`` with this grid.
 
-        Values on the grid (:meth:`on_grid`) carry their deterministic roundoff
-        (``mean = e``, ``var = 0``, ``width = 0``): the noise model never invents an
-        error for a value the grid represents exactly.
+        Values on the grid (:meth:`on_grid`) have no error (``mean = 0``, ``var = 0``,
+        ``width = 0``; ``max_abs`` is their float roundoff, ~1e-16 relative): the noise
+        model never invents an error for a value the grid represents exactly.
         """
         s = np.broadcast_to(self.scale, x.shape)
         lo, hi = np.broadcast_to(self.lo, x.shape), np.broadcast_to(self.hi, x.shape)
@@ -184,7 +183,7 @@ class UniformGrid:
         exact, roundoff = self.on_grid(x)
         exact &= ~clipped
         fixed = clipped | exact
-        fixed_err = np.where(clipped, clip_err, roundoff)
+        fixed_err = np.where(clipped, clip_err, 0.0)  # on the grid: mean 0, not its roundoff
         width = s
         if self.rounding == "nearest":
             max_abs, mean, var = s / 2, np.zeros_like(x), s * s / 12
@@ -195,7 +194,8 @@ class UniformGrid:
             max_abs = np.where(p > 0, np.maximum(p, 1 - p) * s, 0.0)
             mean, var = np.zeros_like(x), p * (1 - p) * s * s
             width = np.where(p > 0, s, 0.0)
-        max_abs = np.where(fixed, np.abs(fixed_err), max_abs)
+        max_abs = np.where(clipped, np.abs(clip_err), np.where(exact, np.abs(roundoff),
+                                                                max_abs))
         if self.arithmetic == "torch":
             # float32 arithmetic: x·(1/s) and the output are rounded to float32, so the
             # error (clipped or not) may pass its float64 value by a few float32 ulp of x

@@ -151,8 +151,10 @@ class QuantizationPenalty:
     (``s_{l,i} = max_j |W_{l,ij}| / qmax`` per channel, or ``max |W_l| / qmax`` per tensor)
     give the first-order output MSE (mean over the ``B·K`` output elements)::
 
-        R(W) = 1/(B K) Σ_l Σ_i (s_{l,i}²/12) Σ_n ‖a_{l-1,n}‖² Σ_k (∂y_{n,k}/∂z_{l,n,i})²
+        R(W) = 1/(B K) Σ_l Σ_i (s_{l,i}²/12) Σ_n Σ_{j ≠ j_i} a_{l-1,n,j}² Σ_k (∂y_{n,k}/∂z_{l,n,i})²
 
+    where ``j_i`` is the entry of row ``i`` that sets its scale (``|W_ij| = qmax·s``: it lies
+    on the grid and has no error; per tensor only the row holding the maximum has one):
     exactly what :func:`errprop.analyze` reports as ``report.mse`` for
     ``QuantConfig(weights=quantizer)`` (the exact reverse-mode statistics). Its gradient
     with respect to every ``W_l`` is computed in closed form by reverse mode through the
@@ -214,6 +216,12 @@ class QuantizationPenalty:
         k = int(np.argmax(np.abs(W)))
         return np.full(W.shape[0], abs(W.ravel()[k]) / qmax), np.full(W.shape[0], k)
 
+    def _on_grid(self, W: Array, idx: Array) -> tuple[Array, Array]:
+        """Rows whose scale-setting entry lies in them, and that entry's column."""
+        rows = np.unique(idx // W.shape[1]) if self.quantizer.granularity == "tensor" \
+            else np.arange(W.shape[0])
+        return rows, idx[rows] % W.shape[1]
+
     def value(self, *Ws: object) -> float:
         """``R(W)`` (default: the network's own weights)."""
         return self.value_and_grad(*Ws)[0]
@@ -246,13 +254,21 @@ class QuantizationPenalty:
         q = [s * s / 12.0 for s, _ in scales]
         A = [np.sum(a[l] ** 2, axis=1) for l in range(L)]  # ‖a_{l-1,n}‖², index l -> layer l+1
         T = [np.sum(G[l] ** 2, axis=0) for l in range(L)]  # (B, d_l)
-        value = c * sum(float(A[l] @ T[l] @ q[l]) for l in range(L))
+        # the entry that sets a row's scale lies on the grid and has no error: its input's
+        # square leaves row i's sum, E[n, i] = a_{l-1,n,j_i}² (rows without it: 0)
+        rows, cols = zip(*(self._on_grid(Wl, idx) for Wl, (_, idx) in zip(W, scales)))
+        E = [np.zeros((B, Wl.shape[0])) for Wl in W]
+        for l in range(L):
+            E[l][:, rows[l]] = a[l][:, cols[l]] ** 2
+        value = c * sum(float(np.sum((A[l][:, None] - E[l]) * T[l] * q[l])) for l in range(L))
 
         # reverse: direct adjoints of R
         dW = [np.zeros_like(Wl) for Wl in W]
-        dq = [c * (A[l] @ T[l]) for l in range(L)]
+        dq = [c * np.sum((A[l][:, None] - E[l]) * T[l], axis=0) for l in range(L)]
         dA = [c * (T[l] @ q[l]) for l in range(L)]
-        dG = [2.0 * c * q[l][None, None, :] * A[l][None, :, None] * G[l] for l in range(L)]
+        dE = [c * T[l][:, rows[l]] * q[l][rows[l]] for l in range(L)]  # adjoint of -E
+        dG = [2.0 * c * q[l][None, None, :] * (A[l][:, None] - E[l])[None] * G[l]
+              for l in range(L)]
         dz = [np.zeros_like(zl) for zl in z]
         # through the Jacobian recursion, l = 1 .. L
         for l in range(L - 1):
@@ -267,6 +283,7 @@ class QuantizationPenalty:
             dz[l] += da * D[l]
             dW[l] += dz[l].T @ a[l]
             da = dz[l] @ W[l] + 2.0 * dA[l][:, None] * a[l]
+            np.add.at(da.T, cols[l], -2.0 * (dE[l] * a[l][:, cols[l]]).T)
         # through the scales s = max|W| / qmax (at the entry that attains the max)
         for l in range(L):
             s, idx = scales[l]

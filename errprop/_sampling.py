@@ -205,7 +205,7 @@ class _Sampler:
     ``value`` is the float tensor the grid was fitted on (a parameter, or the
     float activation); the noise law is evaluated there. Clipped elements carry
     their deterministic clipping error, and values on the grid (zeros, unit gammas:
-    :meth:`UniformGrid.on_grid`) their roundoff, as in the error model: when such
+    :meth:`UniformGrid.on_grid`) none, as in the error model: when such
     fixed elements are the majority only the others draw (``active``); when they are
     few (minmax calibration puts the range's endpoint on the grid, within an ulp of
     clipping) a full-size draw is overwritten at their flat indices ``fixed``,
@@ -305,14 +305,13 @@ def _sampler(key: int, src: Source, value: Array, grid: UniformGrid, mode: str,
                                zero_point=np.asarray(grid.zero_point, dtype))
     active = fixed = clip_err = uniform = still = None
     law: tuple[Array, ...] = ()
-    exact, roundoff = grid.on_grid(value)
+    exact, _ = grid.on_grid(value)
     if mode != "noise" and exact.any():
         still = np.flatnonzero(exact)
     if mode == "noise":
         clipped, mean = _clipping(grid, value)
         exact &= ~clipped
-        clipped |= exact  # fixed error: the clipping error, or the on-grid roundoff
-        mean = np.where(exact, roundoff, mean)
+        clipped |= exact  # fixed error: the clipping error, or none on the grid
         s = np.broadcast_to(grid.scale, value.shape)
         if np.count_nonzero(clipped) > clipped.size // 2:
             active = ~clipped

@@ -318,7 +318,8 @@ def noise_gain(net: Sequential, x: object, bits: int = 8, *, samples: int = 200,
 
     The input is rounded to ``bits`` with ``Uniform(bits)`` (symmetric, per tensor, round
     to nearest, step ``s = max|x| / (2^(bits-1) − 1)``): independent errors of variance
-    ``s²/12``. Per batch element ``b``,
+    ``s²/12``, none for values on the grid (the largest ``|x|``, zeros). Per batch element
+    ``b``,
     ``gain_b = Σ_i E[Δy_bi²] / Σ_j Var Δx_bj``: by first order (``Report.std``,
     ``Report.mean``, exact reverse mode) and by Monte Carlo of the real network
     (``samples`` draws, noise mode, ``seed``). For a Linear layer ``y = x Wᵀ + b``

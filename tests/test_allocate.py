@@ -49,7 +49,8 @@ def test_the_plan_is_the_cheapest_assignment(case):
     """Brute force over every assignment confirms the integer program's optimum."""
     net, x, _ = case
     cands = (4, 6, 8, 10)
-    plan = ep.plan_bits(net, x, target_mse=1e-3, candidates=cands, margin=1.0, weights=W8)
+    plan = ep.plan_bits(net, x, target_mse=1e-3, candidates=cands, margin=1.0, weights=W8,
+                        verify=False)
     layers = list(plan.bits)
     sizes = {l: net[l].params["W"].size for l in layers}
     best = min((sum(sizes[l] * b for l, b in zip(layers, combo)), combo)
@@ -109,3 +110,13 @@ def test_clear_errors(case):
         ep.plan_bits(net, x, target_sqnr_db=30, candidates=[1, 4])
     with pytest.raises(ValueError, match="below 1/4"):
         ep.bits_for_share(net, x, 0.2, candidates=(2, 3))
+
+
+def test_the_calibration_batch_always_meets_the_target():
+    # the exact error of one small batch fluctuates ±25% around the model; the plan is
+    # re-solved where it misses, so the batch it was planned on meets the target exactly
+    net = ep.mlp([8, 32, 32, 4], "gelu", seed=2)
+    for seed in range(8):
+        x = np.random.default_rng(seed).standard_normal((64, 8))
+        plan = ep.plan_bits(net, x, target_sqnr_db=30)
+        assert ep.analyze(net, x, plan.config).sqnr_db >= 30, (seed, plan.bits)

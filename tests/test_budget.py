@@ -11,19 +11,23 @@ import pytest
 import errprop as ep
 
 
-def test_single_linear_gain_is_the_mean_squared_input_norm(rng):
-    """W-only noise of variance σ² per element gives Var Δy_i = σ² ‖x‖²: the output MSE per
-    unit injected MSE is mean_b ‖x_b‖², and the contribution is σ² times that."""
+def test_single_linear_gain_is_the_mean_squared_input_norm(rng, free):
+    """W-only noise of variance σ² per element gives Var Δy_i = σ² Σ_j x_j² (over the
+    elements off the grid: the largest |W| is on it and exact): the output MSE per unit
+    injected MSE is the mean of that over σ², and the contribution is σ² times that."""
     W = rng.standard_normal((5, 9))
     x = rng.standard_normal((30, 9))
     net = ep.Sequential([ep.Linear(W)])
     report = ep.analyze(net, x, ep.QuantConfig(weights=ep.Uniform(6)))
     row = report.budget()["fc1"]
     s = np.max(np.abs(W)) / 31  # symmetric 6-bit, levels ±31
-    assert row.injected_mse == pytest.approx(s * s / 12, rel=1e-12)
-    assert row.gain == pytest.approx(np.mean(np.sum(x * x, axis=1)), rel=1e-10)
-    assert row.output_mse == pytest.approx(s * s / 12 * np.mean(np.sum(x * x, axis=1)),
-                                           rel=1e-10)
+    f = free(W, s)
+    assert np.count_nonzero(~f) == 1
+    injected = s * s / 12 * np.mean(f)
+    output = s * s / 12 * np.mean((x * x) @ f.T)
+    assert row.injected_mse == pytest.approx(injected, rel=1e-12)
+    assert row.gain == pytest.approx(output / injected, rel=1e-10)
+    assert row.output_mse == pytest.approx(output, rel=1e-10)
     Wq = np.clip(np.round(W / s), -31, 31) * s
     assert row.exact_mse == pytest.approx(np.mean((x @ (Wq - W).T) ** 2), rel=1e-10)
     assert row.params == W.size and row.bits == "W6" and row.share == 1.0

@@ -19,26 +19,29 @@ def fake_quant(v, bits):
     return np.clip(np.round(v / s), -top, top) * s, s
 
 
-def test_single_linear_sensitivity_and_worst_case_are_the_closed_forms(rng):
-    """W noise of variance σ² = s²/12 per element: Var Δy_bi = σ² ‖x_b‖², so
-    u(x) = s/√12 and c = sqrt(mean_b ‖x_b‖²); the interval bound of one Linear is the exact
-    worst case |x| · (s/2)."""
+def test_single_linear_sensitivity_and_worst_case_are_the_closed_forms(rng, free):
+    """W noise of variance σ² = s²/12 per element off the grid (the largest |W| is on it and
+    exact; f marks the others): Var Δy_bi = σ² Σ_j f_ij x_bj², so u(x) = σ·sqrt(mean f) and
+    c = sqrt(mean_bi Var Δy_bi) / u; the interval bound of one Linear is the exact worst
+    case |x| · (s/2)·f."""
     W = rng.standard_normal((5, 9))
     x = rng.standard_normal((30, 9))
     net = ep.Sequential([ep.Linear(W)])
     report = ep.analyze(net, x, ep.QuantConfig(weights=ep.Uniform(6)))
     m = report.budget_matrix(probes=400, seed=1)
     s = np.max(np.abs(W)) / 31
-    c = math.sqrt(np.mean(np.sum(x * x, axis=1)))
-    assert m.uncertainty[0] == pytest.approx(s / math.sqrt(12), rel=1e-12)
+    f = free(W, s)  # the largest |W| is on the grid: no error there
+    u = s / math.sqrt(12) * math.sqrt(np.mean(f))
+    V_closed = s * s / 12 * np.mean((x * x) @ f.T)
+    c = math.sqrt(V_closed) / u
+    assert m.uncertainty[0] == pytest.approx(u, rel=1e-12)
     V, se = m.variance[0, 0], m.variance_se[0, 0]
     assert 0 < se < 0.05 * V
-    assert abs(V - (c * s) ** 2 / 12) < 4 * se
+    assert abs(V - V_closed) < 4 * se
     assert m.sensitivity[0, 0] == pytest.approx(c, rel=4 * se / V)
     assert m.component[0, 0] == pytest.approx(m.sensitivity[0, 0] * m.uncertainty[0])
     assert m.share[0, 0] == 1.0 and m.measured_share[0, 0] == 1.0
-    assert m.worst[0, 0] == pytest.approx(np.max(np.abs(x) @ np.full((9, 5), s / 2)),
-                                          rel=1e-12)
+    assert m.worst[0, 0] == pytest.approx(np.max(np.abs(x) @ (s / 2 * f.T)), rel=1e-12)
 
 
 def test_shares_sum_to_one_and_measured_is_the_first_order_energy(mlp_case):
@@ -161,8 +164,11 @@ def test_noise_gain_of_a_linear_layer(rng):
     assert row.local_mse == 0 and row.propagated_mse_model > 0
     j = m.sources.index("input")
     i = m.nodes.index("fc1")
-    # Rademacher probes of uniform σ reproduce E‖Δx‖² exactly at the identity node
-    assert m.variance_se[m.nodes.index("identity1"), j] == 0
+    # Rademacher probes of uniform σ reproduce E‖Δx‖² exactly at the identity node (up to
+    # the last bit of the sum of squares: one element on the grid has σ = 0, and SIMD
+    # summation groups the rows differently)
+    k = m.nodes.index("identity1")
+    assert m.variance_se[k, j] <= 1e-12 * m.variance[k, j]
     rel_se = m.variance_se[i, j] / m.variance[i, j]
     assert row.gain_model == pytest.approx(np.sum(W ** 2) / 11, rel=4 * rel_se)
 

@@ -23,7 +23,7 @@ def small():
     (dict(memory_limit=-5), ValueError, "memory_limit"),
     (dict(statistics_work_limit=float("nan")), ValueError, "statistics_work_limit"),
     (dict(statistics_work_limit="x"), TypeError, "statistics_work_limit"),
-    (dict(statistics_work_limit=0), ValueError, "statistics_work_limit"),
+    (dict(statistics_work_limit=-1), ValueError, "statistics_work_limit"),
 ])
 def test_analyze_refuses_bad_arguments(small, kwargs, error, words):
     net, x, cfg = small

@@ -16,22 +16,26 @@ from errprop.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_linear_gain_is_frobenius_norm_over_fan_in():
+def test_linear_gain_is_frobenius_norm_over_fan_in(free):
     # isotropic input noise of variance σ² through y = x Wᵀ + b: E‖Δy‖² = σ²‖W‖_F²
-    # per row, against σ² · in injected — the closed form, computed here from W alone
+    # per row, against σ² · in injected — the closed form, computed here from W alone.
+    # The largest |x| lies on the grid and gets no noise: its row sums over the others.
     rng = np.random.default_rng(0)
     W = rng.standard_normal((5, 7))
     net = ep.Sequential([ep.Linear(W, rng.standard_normal(5))])
     x = rng.standard_normal((64, 7))
     g = noise_gain(net, x, 8, samples=400, seed=1)
-    expected = np.sum(W ** 2) / 7
-    np.testing.assert_allclose(g.first_order, expected, rtol=1e-12)
+    f = free(x, np.max(np.abs(x)) / 127)
+    assert np.count_nonzero(~f) == 1
+    per_row = (f @ np.sum(W ** 2, axis=0)) / f.sum(axis=1)
+    np.testing.assert_allclose(g.first_order, per_row, rtol=1e-12)
+    expected = np.sum(f @ np.sum(W ** 2, axis=0)) / f.sum()
     assert g.gain == pytest.approx(expected, rel=1e-12)
     assert g.gain_mc_ci[0] <= expected <= g.gain_mc_ci[1]
     assert g.residual < 1e-12  # a linear map: first order is exact
     # the injected noise is the rounding step's s/sqrt(12)
     step = np.abs(x).max() / 127  # symmetric, restricted range [-127, 127]
-    assert g.noise_rms == pytest.approx(step / math.sqrt(12), rel=1e-9)
+    assert g.noise_rms == pytest.approx(step / math.sqrt(12) * math.sqrt(np.mean(f)), rel=1e-9)
 
 
 @pytest.mark.parametrize("block,scale", [("mlp", 1.0), ("attention", 1.0), ("attention", 4.0)])
