@@ -38,7 +38,7 @@ COLUMNS = ("name", "op", "params", "bits", "injected_mse", "output_mse", "share"
            "worst_case", "exact_mse")
 _HEADS = {"name": "layer", "op": "op", "params": "params", "bits": "bits",
           "injected_mse": "injected MSE", "output_mse": "output MSE", "share": "share",
-          "gain": "gain", "worst_case": "worst case", "exact_mse": "exact MSE"}
+          "gain": "gain", "worst_case": "first-order worst case", "exact_mse": "exact MSE"}
 
 
 @dataclass(frozen=True)

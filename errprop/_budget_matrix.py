@@ -204,7 +204,7 @@ class BudgetMatrix:
                  "worst_case": float(self.worst[n, j]), "worst_share": float(ws[n, j])}
                 for n in idx for j, s in enumerate(self.sources)]
 
-    _HEADS = ("source", "u(x_s)", "c_s", "u_s", "share", "± se", "measured", "worst case",
+    _HEADS = ("source", "u(x_s)", "c_s", "u_s", "share", "± se", "measured", "1st-order worst",
               "worst share")
 
     def _cells(self, node: str | None, pct: str) -> list[list[str]]:

@@ -131,12 +131,8 @@ def _render(blocks: Blocks, markdown: bool) -> list[str]:
             out += [item, ""] if markdown else [item]
         elif kind == "budget":
             table = item.table()
-            # the budget's "worst case" is the first-order one: say so where it is shown
-            md = item.to_markdown().rstrip().replace("| worst case |",
-                                                     "| first-order worst case |", 1)
-            out += ([md, "", table.splitlines()[-1], ""] if markdown else
-                    ["", table, "(worst case: the first-order worst case, all errors at "
-                                "their box edge with the worst sign; see report.md)"])
+            out += ([item.to_markdown().rstrip(), "", table.splitlines()[-1], ""] if markdown
+                    else ["", table])
         elif markdown:
             out += ["| " + " | ".join(r) + " |" for r in item[:1]]
             out += ["|---|" + "---:|" * (len(item[0]) - 1)]
