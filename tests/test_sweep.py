@@ -131,10 +131,10 @@ def test_kill_midway_and_resume(tmp_path):
     # its own process group: the kill takes the sweep and its workers down at once, like a crash
     proc = subprocess.Popen([sys.executable, str(script)], start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
+        # no deadline (a loaded machine is slow): the sweep's work is finite, so the loop
+        # ends when two rows are stored or, failing, when the sweep ends
         while not ((out / "log.txt").exists() and len(_done_keys(out)) >= 2):
             assert proc.poll() is None, "the sweep ended before it could be killed"
-            assert time.monotonic() < deadline, "no rows stored within 60 s"
             time.sleep(0.01)
     finally:
         try:
