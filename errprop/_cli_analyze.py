@@ -13,9 +13,8 @@ import numpy as np
 from ._export import csv_text
 from ._analysis import analyze
 from ._bert import encode, minilm_path
-from ._cli_types import read_utf8
 from ._config import QuantConfig
-from ._files import write_text
+from ._files import read_text, write_text
 from ._io import load
 from ._montecarlo import monte_carlo
 from ._quant import GRANULARITIES, Uniform
@@ -101,7 +100,7 @@ def _model_path(text: str) -> Path:
 def _batch(args: argparse.Namespace, path: Path, net: Any) -> tuple[Any, np.ndarray, str]:
     sentences = args.sentences
     if args.sentences_file is not None:
-        lines = read_utf8(args.sentences_file, "sentences file").splitlines()
+        lines = read_text(args.sentences_file, "sentences file").splitlines()
         sentences = [s for s in (line.strip() for line in lines) if s]
         if not sentences:
             raise ValueError(f"{args.sentences_file} holds no sentences")

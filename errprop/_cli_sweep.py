@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from ._cli_types import read_utf8
+from ._files import read_text
 from ._sweep import DEFAULTS, seed_label, sweep
 
 DESCRIPTION = """\
@@ -66,7 +66,7 @@ def read_spec(path: Path) -> dict[str, Any]:
             raise ImportError("reading SPEC.toml on Python 3.10 needs tomli: pip install "
                               "tomli (Python >= 3.11 has tomllib)") from None
     try:
-        spec = tomllib.loads(read_utf8(path, "sweep spec"))
+        spec = tomllib.loads(read_text(path, "sweep spec"))
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path} is not valid TOML: {exc}") from None
     unknown = set(spec) - _TOP_KEYS

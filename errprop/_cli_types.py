@@ -1,14 +1,10 @@
-"""Argument types and input files for the command line: numbers with bounds, UTF-8 text,
-one clear line when wrong."""
+"""Argument types for the command line: numbers with bounds, one clear line when wrong."""
 
 from __future__ import annotations
 
 import argparse
 import math
 from collections.abc import Callable
-from pathlib import Path
-
-from ._files import FileFormatError
 
 
 def number(cast: type = float, *, low: float | None = None, high: float | None = None,
@@ -31,13 +27,3 @@ def number(cast: type = float, *, low: float | None = None, high: float | None =
 
     return parse
 
-
-def read_utf8(path: Path, what: str) -> str:
-    """The text of ``path``; a file that is not UTF-8 is a :class:`FileFormatError` naming
-    the file and the first bad byte (Python's own message names neither)."""
-    data = Path(path).read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise FileFormatError(path, f"the {what} is not UTF-8 text (byte {exc.start}: "
-                              f"{data[exc.start:exc.start + 1]!r}); save it as UTF-8") from None

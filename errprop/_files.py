@@ -6,7 +6,7 @@ is killed leaves its temporary behind; the next write into that folder removes i
 its writer process is gone (and it is a minute old) or when it is an hour old.
 
 Reading: :class:`FileFormatError` (a ``ValueError``) names the file and what is wrong in
-it; :func:`read_json` decodes UTF-8 JSON with such errors; :func:`check_bytes` compares a
+it; :func:`read_text` and :func:`read_json` decode UTF-8 text and JSON with such errors; :func:`check_bytes` compares a
 declared size with a memory limit *before* anything is allocated.
 """
 
@@ -46,16 +46,24 @@ class UntrustedCodeError(ValueError):
 
 
 # ------------------------------------------------------------------ reading
-def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    """The parsed JSON in ``path`` (UTF-8), or a :class:`FileFormatError` saying why not."""
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """The text of ``path`` (UTF-8); a file that is not UTF-8 is a :class:`FileFormatError`
+    naming the file, ``what`` it is and the first bad byte (Python's own message names
+    neither)."""
     path = Path(path)
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise FileFormatError(path, f"the {what} is not UTF-8 text (byte {exc.start}: "
                               f"{data[exc.start:exc.start + 1]!r}); save it as UTF-8"
                               ) from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """The parsed JSON in ``path`` (UTF-8), or a :class:`FileFormatError` saying why not."""
+    path = Path(path)
+    text = read_text(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
