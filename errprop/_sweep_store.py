@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._files import write_text
+from ._files import atomic_file, write_text
 
 
 class SweepBusyError(RuntimeError):
@@ -124,6 +124,5 @@ class Store:
         import pyarrow.parquet as pq
         table = pa.Table.from_pylist([{c: r[c] for c in self.columns}
                                       for r in self._stored(done)])
-        tmp = self.folder / f".rows.parquet.{os.getpid()}"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.folder / "rows.parquet")
+        with atomic_file(self.folder / "rows.parquet", ".parquet") as tmp:
+            pq.write_table(table, tmp)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._files import make_readable
+from .._files import atomic_file
 from ._labels import fit
 
 if TYPE_CHECKING:
@@ -188,7 +187,8 @@ def save(fig: Figure | Axes, path: str | os.PathLike, *, formats: Sequence[str] 
     -----
     Each file is written to a temporary file in the target folder and renamed over the
     target (``os.replace``), so readers see the old file or the new one, never a partial
-    one. Time stamps and version strings are left out of the metadata, so the same
+    one; the temporaries of killed writers (``.NAME.tmp<pid>-XXXXXXXX.png``) left in that
+    folder are removed once their process is gone. Time stamps and version strings are left out of the metadata, so the same
     figure gives the same bytes.
     """
     from matplotlib.axes import Axes
@@ -244,16 +244,9 @@ def _write_all(fig: Figure, stem: Path, formats: Sequence[str], dpi: float
     written = []
     for fmt in formats:
         target = stem.with_name(f"{stem.name}.{fmt}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            with matplotlib.rc_context({"svg.hashsalt": "errprop"}):
-                fig.savefig(tmp, format=fmt, dpi=dpi, metadata=_METADATA[fmt])
-            make_readable(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(target, suffix=f".{fmt}") as tmp, \
+                matplotlib.rc_context({"svg.hashsalt": "errprop"}):
+            fig.savefig(tmp, format=fmt, dpi=dpi, metadata=_METADATA[fmt])
         written.append(target)
     return tuple(written)
 
