@@ -13,6 +13,7 @@ summation-order differences, unlike a hash of the values.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -41,14 +42,16 @@ def fingerprint(*arrays: Array) -> str:
 
 def sketch(value: Array) -> tuple[float, float, float, float, float]:
     """``(c, Σu, Σ wⱼuⱼ, Σu², Σ|u|)`` of the flattened float64 value ``v = c·u``, with
-    ``c`` the power of two at or above ``max|v|`` (so nothing overflows: ``|u| ≤ 1``)
+    ``c`` the power of two at or above ``max|v|`` (at most ``2^1023``: ``|u| < 2``, so
+    nothing overflows)
     and ``wⱼ = frac(jφ) − ½``.
 
     The position-weighted sum tells permuted values apart; ``Σ|u|`` sets the scale of
     the tolerance (:func:`sketches_agree`)."""
     v = np.asarray(value, dtype=np.float64).reshape(-1)
     peak = float(np.max(np.abs(v))) if v.size else 0.0
-    c = 2.0 ** np.frexp(peak)[1] if peak > 0 else 1.0
+    # 2^1024 overflows: above 2^1023 the scaled values stay below 2 in magnitude
+    c = math.ldexp(1.0, min(math.frexp(peak)[1], 1023)) if peak > 0 else 1.0
     total = weighted = squares = absolute = 0.0
     for a in range(0, v.size, _BLOCK):
         u = v[a:a + _BLOCK] / c  # exact: a power of two
