@@ -16,6 +16,7 @@ config (see :class:`errprop._mc_record.Sampled`); anything else is refused.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from ._checks import check_int, check_real, check_seed
 from ._montecarlo import MonteCarloResult
+from ._rigorous import RigorousBoundUnavailable
 
 if TYPE_CHECKING:
     from ._report import Report
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 #: a node is noted when a diagnostic exceeds these fractions
 _THRESHOLDS = {"near_kink": 0.01, "saturated": 0.1, "flat_norm": 0.0}
 _SECOND_ORDER_NOTE = 0.1  # ‖second-order term‖ / ‖first-order term‖
-#: default effect size: a significant difference is a breakdown above this relative RMS gap
+#: default effect size: a significant difference is a breakdown above this relative MSE gap
 TOLERANCE = 0.1
 
 
@@ -97,7 +99,7 @@ class Comparison:
 
     def table(self) -> str:
         head = ["node", "kind", "rms exact", "1st order", "2nd order", "analytic ±se",
-                "max worst"]
+                "max worst (1st order)"]
         if self.mc_samples is not None:
             head += ["Monte Carlo [99% CI]", "MSE vs MC", "!"]
         head += ["notes"]
@@ -120,7 +122,8 @@ class Comparison:
         text.insert(1, "  ".join("-" * w for w in widths))
         legend = [f"analytic: first-order RMS under the noise model (random probes, "
                   f"P={self.probes}; exact at the output); max worst: largest first-order "
-                  f"worst case (exact at the output, interval bound elsewhere)"]
+                  f"worst case (exact at the output, interval bound elsewhere; a guaranteed "
+                  f"bound is Report.rigorous_worst_case)"]
         if self.mc_samples is not None:
             tol = f"{self.tolerance:.0%}"
             legend.append(f"Monte Carlo: {self.mc_samples} samples; MSE vs MC: (analytic − Monte "
@@ -183,6 +186,12 @@ def compare(report: Report, mc: MonteCarloResult | None = None, *, probes: int =
     names = list(report.nodes)
     stats = report.node_statistics(probes=probes, seed=seed)
     second = report.second_order_nodes
+    reach: Mapping[str, float] = {}
+    if any("near_kink" in node.diagnostics for node in report.nodes.values()):
+        try:  # where the whole box can switch units, the first-order worst case may fail
+            reach = report.box_reaches_kink
+        except RigorousBoundUnavailable:
+            reach = {}
     output = names[-1]
     rows = []
     for name in names:
@@ -202,6 +211,8 @@ def compare(report: Report, mc: MonteCarloResult | None = None, *, probes: int =
                  if value > _THRESHOLDS.get(key, 0.0)]
         if ratio > _SECOND_ORDER_NOTE:
             notes.append(f"2nd-order terms {ratio:.0%} of 1st")
+        if reach.get(name, 0.0) > _THRESHOLDS.get("near_kink", 0.0):
+            notes.append(f"box reaches kink {reach[name]:.0%}")
         rms_mc = ci = relative = None
         outside = disagrees = False
         if mc is not None and name in mc.nodes:

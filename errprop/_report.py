@@ -364,13 +364,16 @@ class Report:
         """Output SQNR of the exact error, ``20·log10(‖y‖/‖Δy‖)`` dB."""
         return sqnr_db(self.output, self.exact)
 
-    def compare(self, mc: Any = None, *, probes: int = 64, seed: int = 0) -> Comparison:
+    def compare(self, mc: Any = None, *, probes: int = 64, seed: int = 0,
+                tolerance: float = 0.1) -> Comparison:
         """Exact, first and second order, analytic statistics and (optionally) a
-        :func:`monte_carlo` result side by side per node, with the nodes where
-        analytic and Monte Carlo disagree flagged (see :mod:`errprop._compare`)."""
+        :func:`monte_carlo` result side by side per node. ``!`` marks where first order
+        has broken down (analytic outside Monte Carlo's interval and its MSE more than
+        ``tolerance`` off), ``~`` a significant difference within it (see
+        :mod:`errprop._compare`)."""
         from ._compare import compare
 
-        return compare(self, mc, probes=probes, seed=seed)
+        return compare(self, mc, probes=probes, seed=seed, tolerance=tolerance)
 
     def table(self) -> str:
         """Per-node table: RMS of value, exact and first-order error, residual, SQNR."""

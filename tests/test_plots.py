@@ -359,5 +359,20 @@ def test_clear_errors_on_wrong_input(mlp_case):
         epp.save(plt.figure(), "x", formats=("jpg",))
     other = ep.analyze(ep.mlp([6, 3], seed=0), np.ones((2, 6)),
                        ep.QuantConfig(weights=ep.Uniform(8)))
-    with pytest.raises(ValueError, match="same network"):
+    with pytest.raises(ValueError, match="not sampled from the report's setup; network"):
         epp.parity(other, mc)
+
+
+def test_plot_marks_are_compares_breakdown_flags():
+    # the '*' of error_growth / the red points of parity are compare's '!': significance
+    # alone (4-bit activations: significant differences of a few percent) is not marked
+    net = ep.mlp([12, 48, 48, 6], "tanh", seed=5)
+    x = np.random.default_rng(5).standard_normal((32, 12))
+    cfg = ep.QuantConfig(activations=ep.Uniform(4))
+    report = ep.analyze(net, x, cfg)
+    mc = ep.monte_carlo(net, x, cfg, 600, seed=1)
+    from errprop.plots._errors import node_rms
+
+    marks = [r.disagrees for r in node_rms(report, mc, probes=64, seed=0)]
+    flags = [row.disagrees for row in report.compare(mc, probes=64, seed=0).rows]
+    assert marks == flags

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._compare import agreement, check_same_setup
 from .._graph import unknown_name_message
 from .._montecarlo import MonteCarloResult
 from .._report import Report
@@ -33,11 +34,13 @@ class NodeRMS:
 
     @property
     def disagrees(self) -> bool:
-        """Analytic outside Monte Carlo's 99% interval widened by 3 standard errors (the
-        rule of :meth:`errprop.Report.compare`)."""
-        return bool(np.isfinite(self.mc) and not (
-            self.mc_lo - 3 * self.analytic_se <= self.analytic <= self.mc_hi
-            + 3 * self.analytic_se))
+        """First order has broken down here: the rule of :meth:`errprop.Report.compare`'s
+        ``!`` (outside Monte Carlo's 99% interval widened by 3 standard errors, and the
+        MSE more than 10% off; :func:`errprop._compare.agreement`)."""
+        if not np.isfinite(self.mc):
+            return False
+        return agreement(self.analytic ** 2, 2 * self.analytic * self.analytic_se,
+                         self.mc_lo ** 2, self.mc_hi ** 2, self.mc ** 2)[2]
 
 
 def _check(report: object, mc: object, what: str, mc_required: bool) -> None:
@@ -49,9 +52,7 @@ def _check(report: object, mc: object, what: str, mc_required: bool) -> None:
     if not isinstance(mc, MonteCarloResult):
         raise TypeError(f"{what}: mc must be an errprop MonteCarloResult (from monte_carlo)"
                         f"{' or None' if not mc_required else ''}, got {type(mc).__name__}")
-    if mc.output.shape != report.output.shape:
-        raise ValueError(f"{what}: the Monte Carlo output has shape {mc.output.shape}, the "
-                         f"report's {report.output.shape}: run both on the same network and x")
+    check_same_setup(report, mc, what)
 
 
 def node_rms(report: Report, mc: MonteCarloResult | None = None, *,
@@ -180,8 +181,8 @@ def parity(report: Report, mc: MonteCarloResult, ax: Axes | None = None, *,
             bad = np.array([r.disagrees for r in rows], dtype=bool)
             xerr = np.array([[r.mc - r.mc_lo for r in rows], [r.mc_hi - r.mc for r in rows]])
             yerr = 3 * np.array([r.analytic_se for r in rows])
-            for mask, colour, label in ((~bad, BLUE, "analytic within MC 99% interval"),
-                                        (bad, VERMILION, "analytic outside MC 99% interval")):
+            for mask, colour, label in ((~bad, BLUE, "first order holds"),
+                                        (bad, VERMILION, "first order broken (! in compare)")):
                 if mask.any():
                     ax.errorbar(x[mask], y[mask], xerr=xerr[:, mask], yerr=yerr[mask],
                                 ls="none", marker="o", ms=3, color=colour, elinewidth=0.7,
