@@ -88,6 +88,7 @@ class Sequential(_Container):
         self._names = {id(info.node): info.name for info in self._infos}
         self.in_features, self.out_features = _check_shapes(self, None, self._names)
         self.min_ndim, self.max_ndim, self._ndim_reason = _input_ndim(self.layers())
+        self._dag = _lower(self)
 
     # ---------------------------------------------------------------- access
     def nodes(self) -> list[NodeInfo]:
@@ -126,42 +127,77 @@ class Sequential(_Container):
 
 
 # ------------------------------------------------------------------ walking
-def walk(root: Sequential, state: Any, interp: Interpreter) -> Any:
-    """Run ``interp`` over the graph rooted at ``root`` (execution order)."""
-    names = root._names
+#: the name of the graph input in a node list (not a valid layer name, so never a node's)
+INPUT = ""
 
-    def run(node, s):
+
+@dataclass(frozen=True)
+class Node:
+    """One node of the graph as a list: ``name``, the ``op`` (None for a residual join
+    ``skip + branch``) and the names of its inputs (:data:`INPUT` for the graph input)."""
+
+    name: str
+    op: Op | None
+    inputs: tuple[str, ...]
+
+
+def _lower(root: Sequential) -> tuple[tuple[Node, ...], dict[str, int]]:
+    """The containers as a node list in execution order, and each value's last reader."""
+    names = root._names
+    nodes: list[Node] = []
+
+    def run(node, src: str) -> str:
         if isinstance(node, Op):
-            return interp.leaf(names[id(node)], node, s)
+            nodes.append(Node(names[id(node)], node, (src,)))
+            return nodes[-1].name
         if isinstance(node, Residual):
-            branch = s
+            branch = src
             for child in node.children:
                 branch = run(child, branch)
-            return interp.residual(names[id(node)], s, branch)
+            nodes.append(Node(names[id(node)], None, (src, branch)))
+            return nodes[-1].name
         for child in node.children:
-            s = run(child, s)
-        return s
+            src = run(child, src)
+        return src
 
-    return run(root, state)
+    run(root, INPUT)
+    last = {k: i for i, node in enumerate(nodes) for k in node.inputs}
+    return tuple(nodes), last
+
+
+def walk(root: Sequential, state: Any, interp: Interpreter) -> Any:
+    """Run ``interp`` over the graph rooted at ``root``: one loop over its node list in
+    execution order; a value is dropped after its last reader (memory as a chain)."""
+    nodes, last = root._dag
+    values = {INPUT: state}
+    for i, node in enumerate(nodes):
+        args = [values[k] for k in node.inputs]
+        if node.op is not None:
+            out = interp.leaf(node.name, node.op, args[0])
+        else:
+            out = interp.residual(node.name, args[0], args[1])
+        for k in node.inputs:
+            if last[k] == i:
+                values.pop(k, None)
+        values[node.name] = out
+    return values[nodes[-1].name]
 
 
 def walk_backward(root: Sequential, g: Any, leaf: Callable[[str, Op, Any], Any]) -> Any:
     """Reverse-mode walk: carry a cotangent from the output of ``root`` to its input.
 
-    ``leaf(name, op, g_out)`` returns the cotangent at the op's input; a residual
-    join ``x + f(x)`` passes ``g`` to the skip and through the branch, and adds them.
+    ``leaf(name, op, g_out)`` returns the cotangent at the op's input; a residual join
+    ``x + f(x)`` passes its cotangent to both inputs. Cotangents of a value read by
+    several nodes are summed (the join's first, as ``g + branch``).
     """
-    names = root._names
-
-    def run(node, g):
-        if isinstance(node, Op):
-            return leaf(names[id(node)], node, g)
-        branch = g
-        for child in reversed(node.children):
-            branch = run(child, branch)
-        return g + branch if isinstance(node, Residual) else branch
-
-    return run(root, g)
+    nodes, _ = root._dag
+    grads = {nodes[-1].name: g}
+    for node in reversed(nodes):
+        g_out = grads.pop(node.name)
+        parts = [leaf(node.name, node.op, g_out)] if node.op is not None else [g_out, g_out]
+        for k, part in zip(node.inputs, parts):
+            grads[k] = part if k not in grads else grads[k] + part
+    return grads[INPUT]
 
 
 def check_finite_node(name: str, what: str, a: Array) -> Array:
