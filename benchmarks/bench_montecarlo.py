@@ -16,7 +16,9 @@ Measured, in float32 and float64, in one run (round-robin repeats, medians):
   torch reference);
 * torch: the same math written here in PyTorch CPU, batched over the sample
   axis (``torch.rand`` noise on the weights with the same per-row steps and on
-  the activations, ``torch.baddbmm``, ReLU), the same samples and chunk size,
+  the activations, none where the float value is on its grid — ReLU zeros, each grid's
+  maximum — as in errprop's error model; ``torch.baddbmm``, ReLU), the same samples and
+  chunk size,
   with the output error's mean, variance and per-sample MSE accumulated in
   float64 (torch only at the output);
 * naive: one sample at a time in NumPy (SFC64 ``Generator.random`` draws);
@@ -67,6 +69,10 @@ class Problem:
     w_step: list[np.ndarray]  # (out, 1): per-row weight step
     a_step: list[float]  # per-tensor step of each Linear's input
     relu_after: list[bool]
+    # 1 where the float value is off its grid and draws noise, 0 on the grid (ReLU zeros,
+    # each grid's maximum): errprop's error model (UniformGrid.on_grid), the same law here
+    a_free: list[np.ndarray]  # (inputs, in) per Linear
+    w_free: list[np.ndarray]  # (out, in) per Linear
     y_ref: np.ndarray  # float64 output
     flops_per_sample: float  # 2 · inputs · Σ in·out
 
@@ -78,6 +84,7 @@ def make_problem(widths: list[int], inputs: int) -> Problem:
                             activations=ep.Uniform(8))
     layers = net.layers()
     W, b, w_step, a_step, relu_after = [], [], [], [], []
+    a_free, w_free = [], []
     h = x
     for i, (name, op) in enumerate(layers):
         if isinstance(op, Linear):
@@ -89,6 +96,8 @@ def make_problem(widths: list[int], inputs: int) -> Problem:
                 if grid.error_model(value).clipped.any():
                     raise RuntimeError(f"{name}: clipped elements; the torch reference "
                                        f"does not model their deterministic error")
+            a_free.append((~a_grid.on_grid(h)[0]).astype(np.float64))
+            w_free.append((~w_grid.on_grid(op.params["W"])[0]).astype(np.float64))
             a_step.append(float(np.asarray(a_grid.scale).reshape(-1)[0]))
             assert np.size(a_grid.scale) == 1, "per-tensor activation step expected"
             w_step.append(np.broadcast_to(w_grid.scale, (op.params["W"].shape[0], 1)).copy())
@@ -98,7 +107,8 @@ def make_problem(widths: list[int], inputs: int) -> Problem:
             relu_after.append(nxt is not None and not isinstance(nxt, Linear))
         h = op.forward(h)
     flops = 2.0 * inputs * sum(w.size for w in W)
-    return Problem(net, x, config, W, b, w_step, a_step, relu_after, net(x), flops)
+    return Problem(net, x, config, W, b, w_step, a_step, relu_after, a_free, w_free, net(x),
+                   flops)
 
 
 # ---------------------------------------------------------------- errprop
@@ -127,6 +137,8 @@ class TorchReference:
         self.b = [None if b is None else torch.from_numpy(b.astype(dtype)).reshape(1, 1, -1)
                   for b in p.b]
         self.ws = [torch.from_numpy(s.astype(dtype)) for s in p.w_step]
+        self.af = [torch.from_numpy(m.astype(dtype)) for m in p.a_free]
+        self.wf = [torch.from_numpy(m.astype(dtype)) for m in p.w_free]
         self.x = torch.from_numpy(p.x.astype(dtype))
         self.x64 = torch.from_numpy(p.x)
         self.W64 = [torch.from_numpy(w) for w in p.W]
@@ -155,15 +167,16 @@ class TorchReference:
         for start in range(0, samples, chunk):
             c = min(chunk, samples - start)
             h = self.x.expand(c, *self.x.shape)
-            for W, b, ws, s_act, relu in zip(self.W, self.b, self.ws, self.p.a_step,
-                                             self.p.relu_after):
+            for W, b, ws, s_act, relu, af, wf in zip(self.W, self.b, self.ws, self.p.a_step,
+                                                     self.p.relu_after, self.af, self.wf):
                 t1 = time.perf_counter()
-                # activation noise U(-s/2, s/2) added to the sample's actual input
+                # activation noise U(-s/2, s/2) added to the sample's actual input (none
+                # where the float activation is on the grid)
                 u = torch.rand((c, N, W.shape[1]), generator=gen, dtype=self.td)
-                h = u.sub_(0.5).mul_(s_act).add_(h)
+                h = u.sub_(0.5).mul_(af).mul_(s_act).add_(h)
                 # weight noise U(-s_a/2, s_a/2) per row a, one weight matrix per sample
                 dW = torch.rand((c, *W.shape), generator=gen, dtype=self.td)
-                Ws = dW.sub_(0.5).mul_(ws).add_(W)
+                Ws = dW.sub_(0.5).mul_(wf).mul_(ws).add_(W)
                 t2 = time.perf_counter()
                 h = torch.bmm(h, Ws.transpose(1, 2)) if b is None else \
                     torch.baddbmm(b, h, Ws.transpose(1, 2))
@@ -196,6 +209,8 @@ def run_naive(p: Problem, samples: int, dtype: type) -> tuple[float, dict[str, f
     W = [w.astype(dtype) for w in p.W]
     b = [None if v is None else v.astype(dtype) for v in p.b]
     ws = [s.astype(dtype) for s in p.w_step]
+    af = [m.astype(dtype) for m in p.a_free]
+    wf = [m.astype(dtype) for m in p.w_free]
     x = p.x.astype(dtype)
     mse = np.empty(samples)
     total = np.zeros_like(p.y_ref)
@@ -203,15 +218,17 @@ def run_naive(p: Problem, samples: int, dtype: type) -> tuple[float, dict[str, f
     t_rng = t_mm = t_stats = 0.0
     for s in range(samples):
         h = x
-        for Wl, bl, wl, al, relu in zip(W, b, ws, p.a_step, p.relu_after):
+        for Wl, bl, wl, al, relu, afl, wfl in zip(W, b, ws, p.a_step, p.relu_after, af, wf):
             t1 = time.perf_counter()
             u = gen.random(h.shape, dtype=dtype)
             u -= 0.5
+            u *= afl
             u *= dtype(al)
             u += h
             h = u
             dW = gen.random(Wl.shape, dtype=dtype)
             dW -= 0.5
+            dW *= wfl
             dW *= wl
             dW += Wl
             t2 = time.perf_counter()
