@@ -29,7 +29,7 @@ from ._analysis import analyze
 from ._builders import mlp, transformer
 from ._compare import Comparison
 from ._config import QuantConfig
-from ._demo_figures import _allocation_figure, _budget_figure, _growth_figure
+from ._demo_figures import allocation_figure, budget_figure, growth_figure, save_png
 from ._demo_notes import GLOSSARY, budget_bounds, node_bounds, vacuous_line
 from ._files import write_text
 from ._graph import Sequential
@@ -275,8 +275,8 @@ def run(args: argparse.Namespace) -> int:
             plans[case.key] = model["allocation"]
         print("\n".join([f"== {head}", *_render(blocks, markdown=False)]) + "\n", flush=True)
         names = [f"{case.key}-budget.png", f"{case.key}-growth.png"]
-        _budget_figure(case, reports, out / names[0])
-        _growth_figure(case, comparisons, out / names[1])
+        save_png(budget_figure(case.title, case.detail, reports), out / names[0])
+        save_png(growth_figure(case.title, case.detail, comparisons), out / names[1])
         files += names
         model["figures"] = names
         doc["models"][case.key] = model
@@ -290,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
                                    "first-order max worst bounds")
             md += [vacuous, ""] if vacuous else []
     if plans:
-        _allocation_figure(plans, args.target_sqnr, out / "allocation.png")
+        save_png(allocation_figure(plans, args.target_sqnr), out / "allocation.png")
         files.append("allocation.png")
         md += ["## allocation", "", "![allocation.png](allocation.png)", ""]
     md.append(GLOSSARY)

@@ -29,21 +29,6 @@ def _close_figures():
     plt.close("all")
 
 
-def _long_net(blocks: int, d: int = 8, seed: int = 0) -> ep.Sequential:
-    """Nodes named as a Hugging Face decoder's: model.layers.12.self_attn.q_proj, ..."""
-    rng = np.random.default_rng(seed)
-
-    def linear(name):
-        return ep.Linear(rng.standard_normal((d, d)) / np.sqrt(d),
-                         0.1 * rng.standard_normal(d), name=name)
-
-    body = [ep.Sequential([
-        ep.Sequential([linear("q_proj"), ep.Activation("tanh", name="act")], name="self_attn"),
-        ep.Sequential([linear("down_proj"), ep.Activation("tanh", name="act")], name="mlp")],
-        name=str(i)) for i in range(blocks)]
-    return ep.Sequential([ep.Sequential([ep.Sequential(body, name="layers")], name="model")])
-
-
 def _case(net, x):
     config = ep.QuantConfig(weights=ep.Uniform(6), activations=ep.Uniform(8),
                             biases=ep.Uniform(8))
@@ -54,8 +39,8 @@ def _case(net, x):
 
 
 @pytest.fixture(scope="module")
-def long_case():
-    return _case(_long_net(BLOCKS), np.random.default_rng(1).standard_normal((16, 8)))
+def long_case(long_names):
+    return _case(long_names(BLOCKS), np.random.default_rng(1).standard_normal((16, 8)))
 
 
 @pytest.fixture(scope="module")
@@ -116,71 +101,27 @@ def _plots(case, many: bool):
 PLOTS = list(_plots((None, None, None), False))
 
 
-def _texts(fig):
-    """(kind, Text) of every visible, non-empty label in the figure."""
-    out = []
-    for ax in fig.axes:
-        for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
-            if not axis.get_visible():
-                continue  # a twin's shared axis
-            lo, hi = sorted(axis.get_view_interval())
-            span = 1e-9 * max(abs(lo), abs(hi), 1e-300)
-            out += [(f"{name}tick{id(ax)}", t) for loc, t in zip(axis.get_majorticklocs(),
-                                                                 axis.get_majorticklabels())
-                    if lo - span <= loc <= hi + span and t.get_visible() and t.get_text()]
-            if axis.label.get_visible() and axis.label.get_text():
-                out.append(("axis label", axis.label))
-        if ax.title.get_text():
-            out.append(("title", ax.title))
-        legend = ax.get_legend()
-        if legend is not None:
-            out += [("legend", t) for t in legend.get_texts() if t.get_text()]
-    return out
-
-
-def _check_readable(fig):
-    fig.draw_without_rendering()  # at the figure's dpi (savefig drew at its own)
-    renderer = fig.canvas.get_renderer()
-    fig_box = fig.bbox
-    texts = _texts(fig)
-    boxes = [(kind, t, t.get_window_extent(renderer)) for kind, t in texts]
-    for kind, t, box in boxes:
-        assert (box.x0 >= fig_box.x0 - 0.5 and box.y0 >= fig_box.y0 - 0.5
-                and box.x1 <= fig_box.x1 + 0.5 and box.y1 <= fig_box.y1 + 0.5), \
-            f"{kind} {t.get_text()!r} at {box.bounds} leaves the figure {fig_box.bounds}"
-    for (k1, t1, b1), (k2, t2, b2) in itertools.combinations(boxes, 2):
-        if k1 == k2 == "legend":
-            continue  # one legend lays its own entries out
-        # boxes that touch within half a pixel (rounding) do not overlap
-        dx = min(b1.x1, b2.x1) - max(b1.x0, b2.x0)
-        dy = min(b1.y1, b2.y1) - max(b1.y0, b2.y0)
-        assert dx <= 0.5 or dy <= 0.5, \
-            f"{k1} {t1.get_text()!r} {b1.bounds} overlaps {k2} {t2.get_text()!r} {b2.bounds}"
-    for kind in {k for k, _ in texts if "tick" in k}:
-        labels = [t.get_text() for k, t in texts if k == kind]
-        assert len(labels) == len(set(labels)), f"duplicate tick labels: {labels}"
-
-
 @pytest.mark.parametrize("plot", PLOTS)
 @pytest.mark.parametrize("names", ["long", "short"])
 def test_every_plot_is_readable_in_the_figure_it_makes(plot, names, long_case, short_case,
-                                                       tmp_path):
+                                                       tmp_path, readable):
     case = long_case if names == "long" else short_case
     ax = _plots(case, names == "long")[plot](None)
     epp.save(ax, tmp_path / f"{plot}_{names}.png", dpi=100)
-    _check_readable(ax.figure)
+    readable(ax.figure)
     width, height = ax.figure.get_size_inches()
     assert 3.5 <= width <= 10.0 and 2.6 <= height <= 12.0
 
 
 @pytest.mark.parametrize("plot", PLOTS)
-def test_a_callers_axes_keep_their_size_and_labels_stay_readable(plot, long_case, tmp_path):
+def test_a_callers_axes_keep_their_size_and_labels_stay_readable(plot, long_case, tmp_path,
+                                                                  readable):
     fig, given = plt.subplots(figsize=(7.0, 4.0), layout="constrained")
     ax = _plots(long_case, True)[plot](given)
     assert ax is given
     epp.save(fig, tmp_path / f"{plot}.png", dpi=100)
     assert tuple(fig.get_size_inches()) == (7.0, 4.0)
-    _check_readable(fig)
+    readable(fig)
 
 
 def test_long_layer_names_are_shortened_uniquely_and_the_prefix_named(long_case):

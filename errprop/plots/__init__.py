@@ -26,25 +26,40 @@ function               figure
 :func:`error_histogram` Monte Carlo output errors with the analytic Gaussian
 :func:`bit_allocation` bits per layer and predicted contribution, vs uniform
 =====================  =======================================================
+
+For figures of your own with layer names on an axis: :func:`short_names` (unique short
+labels and the shared prefix), :func:`axis_title` (the axis label naming that prefix),
+:func:`fit_labels` (tick labels that neither overlap nor leave the figure) and
+:func:`log_ticks` (plain-number ticks on a log axis)::
+
+    labels, prefix = epp.short_names(layer_names)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel(epp.axis_title("layer", prefix))
+    epp.fit_labels(ax)                     # after everything else is drawn
 """
 
 from ._budgets import bit_allocation, budget_bars
 from ._errors import error_growth, error_histogram, parity
-from ._style import KINDS, PALETTE, paper_style, rcparams, save, style
+from ._labels import axis_title, fit_labels, short_names
+from ._style import KINDS, PALETTE, log_ticks, paper_style, rcparams, save, style
 from ._sweeps import bits_sweep, sensitivity
 
 __all__ = [
     "KINDS",
     "PALETTE",
+    "axis_title",
     "bit_allocation",
     "bits_sweep",
     "budget_bars",
     "error_growth",
     "error_histogram",
+    "fit_labels",
+    "log_ticks",
     "paper_style",
     "parity",
     "rcparams",
     "save",
     "sensitivity",
+    "short_names",
     "style",
 ]

@@ -3,8 +3,8 @@
 Two steps. :func:`short_names` turns names into tick labels: the dotted prefix all of
 them share (``model.layers.``) is elided and named once in the axis label, and names
 still longer than ``max_chars`` keep their head and tail around a middle ``…``, made
-longer where two would collide, so labels stay unique. :func:`fit` then lays the figure
-out so that no two tick labels overlap and every label lies inside the figure:
+longer where two would collide, so labels stay unique. :func:`fit_labels` then lays the
+figure out so that no two tick labels overlap and every label lies inside the figure:
 
 * category labels on x stay horizontal when they fit, else tilt 45°, else stand at 90°;
 * a figure the plot created grows (up to :data:`MAX_SIZE`) until the labels have room
@@ -167,9 +167,18 @@ def _pitch(ax: Axes, axis: str, n: int, renderer: Any) -> float:
     return (box.width if axis == "x" else box.height) * 72 / ax.figure.dpi / max(n, 1)
 
 
-def fit(ax: Axes, owned: bool) -> None:
-    """Make the tick labels, axis labels and the legend of ``ax`` readable (see the module
-    docstring). ``owned``: the plot created the figure and may resize it."""
+def fit_labels(ax: Axes, owned: bool = False) -> None:
+    """Lay out the category tick labels and the legend of ``ax`` so that none overlap and
+    all lie inside the figure: x labels horizontal, tilted 45° or upright, then a smaller
+    font (down to 5 points), then only every k-th label (said in the axis label).
+
+    Parameters
+    ----------
+    ax : Axes whose categories were placed with ``ax.set_xticks(positions, labels)`` (or
+        ``set_yticks``); call it after everything else in the figure is drawn.
+    owned : the caller made the figure for this Axes alone, so it may grow (up to
+        10 × 12 inches) before labels shrink.
+    """
     fig = ax.figure
     renderer = fig.canvas.get_renderer()
     _fit_legend(ax, owned, renderer)  # a legend too wide squeezes the axes: fit it first

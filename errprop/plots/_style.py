@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._files import atomic_file
-from ._labels import fit
+from ._labels import fit_labels
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -116,7 +116,7 @@ paper_style = style
 @contextmanager
 def axes_for(ax: Any, what: str) -> Iterator[Axes]:
     """Yield ``ax`` (checked), or a new figure's Axes drawn in the paper style; after the
-    block, fit its labels (:func:`errprop.plots._labels.fit`: only a figure made here
+    block, fit its labels (:func:`fit_labels`: only a figure made here
     may grow)."""
     from matplotlib.axes import Axes
 
@@ -125,14 +125,14 @@ def axes_for(ax: Any, what: str) -> Iterator[Axes]:
             raise TypeError(f"{what}: ax must be a matplotlib Axes or None, "
                             f"got {type(ax).__name__}")
         yield ax
-        fit(ax, owned=False)
+        fit_labels(ax, owned=False)
         return
     import matplotlib.pyplot as plt
 
     with nullcontext() if _active else style("single"):
         _, new = plt.subplots()
         yield new
-        fit(new, owned=True)
+        fit_labels(new, owned=True)
 
 
 def log_ticks(axis: Any) -> None:
