@@ -153,3 +153,12 @@ def test_the_command_line_reads_text_files_through_read_text():
     from errprop import _cli_analyze, _cli_sweep, _cli_types
     assert _cli_analyze.read_text is read_text and _cli_sweep.read_text is read_text
     assert not hasattr(_cli_types, "read_utf8")
+
+
+def test_the_demo_figures_clean_a_killed_writers_temporary(tmp_path, mlp_case):
+    from errprop._demo_figures import budget_figure, save_png
+    _, _, report = mlp_case
+    stale = _stale(tmp_path, "mlp-budget.png", ".png")
+    save_png(budget_figure("mlp", "test", {6: report}), tmp_path / "mlp-budget.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp-budget.png"]
+    assert not stale.exists()
