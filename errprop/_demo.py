@@ -176,8 +176,12 @@ def _analyse(case: _Case, bits: int, samples: int, probes: int,
     if vacuous:
         blocks.append(("line", vacuous))
     if comparison.flagged:
-        blocks.append(("line", f"first order leaves the Monte Carlo interval at: "
-                               f"{', '.join(comparison.flagged)}"))
+        blocks.append(("line", f"first order has broken down (outside the Monte Carlo "
+                               f"interval and the MSE more than {comparison.tolerance:.0%} "
+                               f"off) at: {', '.join(comparison.flagged)}"))
+    if comparison.significant:
+        blocks.append(("line", f"significant but within {comparison.tolerance:.0%} at: "
+                               f"{', '.join(comparison.significant)}"))
     if case.labels is not None:  # on the test images, quantized the same way
         test = analyze(case.net, case.held_out, config, seed=seed)
         doc["accuracy"] = _accuracy(test.output + test.exact, case.labels)
@@ -311,8 +315,8 @@ DESCRIPTION = """\
 Run errprop on three built-in models: a seeded GELU MLP, a seeded 2-block transformer and
 a real MLP trained on scikit-learn's digits (shipped with errprop). For each, print the
 error budget per layer (injected MSE, share of the output MSE, gain, first-order worst
-case, exact MSE with only that layer quantized), where first order leaves the Monte Carlo
-interval, and a per-layer weight-bit allocation for a target SQNR next to the cheapest
+case, exact MSE with only that layer quantized), where first order breaks down (outside the
+Monte Carlo interval and more than 10% off), and a per-layer weight-bit allocation for a target SQNR next to the cheapest
 uniform width (cost, exact SQNR on held-out inputs, and the digits' classification
 accuracy). Write report.md (with a glossary of every column, and the worst-case bounds
 that are vacuous: above 100x the largest exact error or the values' own scale),

@@ -96,7 +96,7 @@ elements):
   error (the same rounding).
 - **analytic ±se**: RMS error under the noise model, first order, from random probes with
   its standard error ("exact" at the output, from the exact statistics).
-- **max worst**: the largest first-order worst case at the node: exact at the output;
+- **max worst (1st order)**: the largest first-order worst case at the node: exact at the output;
   elsewhere an interval bound (each layer's box pushed through |J|), which compounds layer
   by layer and loosens quickly in deep networks.
 - **Monte Carlo [99% CI]**: RMS error of the real, nonlinear network under sampled noise,

@@ -40,7 +40,7 @@ def test_every_column_is_in_the_glossary(demo):
     # model-specific first columns (allocation runs) are explained in the glossary's prose
     columns = _columns(body) - {"allocated"} - {c for c in _columns(body)
                                                  if c.startswith("uniform ")}
-    assert "injected MSE" in columns and "max worst" in columns
+    assert "injected MSE" in columns and "max worst (1st order)" in columns
     missing = columns - defined - {""}
     assert not missing, missing
     assert "| worst case |" not in body and "| first-order worst case |" in body
