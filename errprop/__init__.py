@@ -27,7 +27,8 @@ from ._montecarlo import MonteCarloResult, NodeStats, monte_carlo
 from ._norm import L2Normalize, LayerNorm, RMSNorm
 from ._pool import MeanPool
 from ._op import Op
-from ._quant import ErrorModel, Fixed, FixedGrid, Quantizer, Uniform, UniformGrid
+from ._fixed import Fixed, FixedGrid
+from ._quant import ErrorModel, Quantizer, Uniform, UniformGrid
 from ._gpfq import alphabet_step, gpfq, gpfq_config, spfq
 from ._float import FloatFormat, MXFormat
 from ._hwgap import IntegerKernel, accumulator_bits

@@ -55,7 +55,7 @@ from ._config import QuantConfig
 from ._graph import Sequential, check_input, walk
 from ._linear import Linear
 from ._op import Array, Op
-from ._quant import Fixed
+from ._fixed import Fixed
 
 _GRANULARITIES = ("channel", "tensor")
 _METHODS = ("gpfq", "spfq")

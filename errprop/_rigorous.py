@@ -39,7 +39,8 @@ from ._norm import L2Normalize, LayerNorm, RMSNorm
 from ._op import Array, Op
 from ._passes import layer_sources, sources_by_layer
 from ._pool import MeanPool
-from ._quant import FixedGrid, UniformGrid
+from ._fixed import FixedGrid
+from ._quant import UniformGrid
 from ._report import SourceResult
 from ._rigorous_centred import local_remainder, quantizer_remainder
 from ._rigorous_box import (Box, affine_box, matmul_box, mul_box, param_box, ratio_box,

@@ -23,7 +23,8 @@ from ._config import QuantConfig
 from ._graph import Sequential
 from ._montecarlo import monte_carlo
 from ._op import Array
-from ._quant import Fixed, Quantizer, Uniform, UniformGrid
+from ._fixed import Fixed
+from ._quant import Quantizer, Uniform, UniformGrid
 from ._wage import mlp_layers
 
 
