@@ -11,7 +11,8 @@ The interpreter carries, through every node of the graph,
 At a leaf op the incoming rows go through the op's rule at once (one call
 with a leading direction axis), and each parameter source of that op adds
 one row ``rule(None, {param: ΔW})``. Residual joins add the skip rows to the
-matching branch rows. The engine never looks at an op's type.
+branch rows of the same source (keyed, :func:`errprop._rows.add_keyed`). The engine never
+looks at an op's type.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ._config import QuantConfig, Source, seen_by_quantizer
 from ._graph import Sequential, check_finite_node, check_input, walk
 from ._op import Array, Op
 from ._report import NodeResult, Report, SourceResult
+from ._rows import add_keyed
 from ._budget import Budget, budget
 from ._passes import bound_pass, second_order_pass
 from ._probes import NodeStatistics, node_statistics
@@ -101,12 +103,8 @@ class _Propagate:
         return out
 
     def residual(self, name: str, skip: _State, branch: _State) -> _State:
-        dx = branch.dx
-        if skip.dx is not None:
-            # the branch started from the skip's rows and only appended new ones
-            dx = dx.copy()
-            dx[: len(skip.keys)] += skip.dx
-        out = _State(skip.x + branch.x, skip.xq + branch.xq, branch.keys, dx)
+        keys, dx = add_keyed(skip.keys, skip.dx, branch.keys, branch.dx)
+        out = _State(skip.x + branch.x, skip.xq + branch.xq, keys, dx)
         self._record(name, "Residual", out)
         return out
 

@@ -40,6 +40,7 @@ from ._budget import _injected_mse
 from ._export import csv_text, json_text
 from ._files import write_text
 from ._graph import Sequential, walk
+from ._rows import add_keyed
 from ._op import Array, Op
 from ._passes import bound_pass
 from ._report import Report, SourceResult
@@ -323,12 +324,9 @@ class _GroupProbes:
         return groups, dy
 
     def residual(self, name: str, skip: tuple, branch: tuple) -> tuple:
-        (gs, ts), (gb, tb) = skip, branch
-        if ts is not None:  # the branch started from the skip's groups and only appended
-            tb = tb.copy()
-            tb[: len(gs)] += ts
-        self.record(name, gb, tb)
-        return gb, tb
+        groups, t = add_keyed(*skip, *branch)
+        self.record(name, groups, t)
+        return groups, t
 
 
 def budget_matrix(net: Sequential, x: object, report: Report, *, by: str = "source",
