@@ -53,7 +53,9 @@ class _Propagate:
 
     def __init__(self, by_layer: Mapping[str, list[Source]], qparams: Mapping[str, dict],
                  dparams: Mapping[str, Array], rng: np.random.Generator,
-                 fitted: Mapping[str, SourceResult] | None = None) -> None:
+                 fitted: Mapping[str, SourceResult] | None = None, *,
+                 network_input: Array | None = None,
+                 input_error: Array | None = None) -> None:
         self.by_layer = by_layer
         self.fitted = {} if fitted is None else fitted  # parameter and input sources
         self.qparams = qparams
@@ -62,8 +64,8 @@ class _Propagate:
         self.nodes: dict[str, NodeResult] = {}
         self.forward: dict[str, tuple[Array, Array]] = {}  # leaf -> float (input, output)
         self.activation_results: dict[str, SourceResult] = {}
-        self.network_input: Array | None = None  # set by analyze
-        self.input_error: Array | None = None  # the input source's error, if quantized
+        self.network_input = network_input
+        self.input_error = input_error  # the input source's error, if quantized
 
     def _record(self, name: str, kind: str, s: _State,
                 diagnostics: Mapping[str, float] | None = None) -> None:
@@ -183,9 +185,8 @@ def analyze(net: Sequential, x: object, config: QuantConfig, *, seed: int | None
         results[src.name] = SourceResult(src, xq - x, grid, x)
         state = _State(x, xq, [src.name], (xq - x)[None])
 
-    interp = _Propagate(by_layer, qparams, dparams, rng, results)
-    interp.network_input = x
-    interp.input_error = results["input"].error if "input" in results else None
+    interp = _Propagate(by_layer, qparams, dparams, rng, results, network_input=x,
+                        input_error=results["input"].error if "input" in results else None)
     # overflow is reported per node by the interpreter, not as a NumPy warning
     with np.errstate(over="ignore", invalid="ignore"):
         out = walk(net, state, interp)

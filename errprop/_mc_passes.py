@@ -311,6 +311,7 @@ def _make_plan(net: Sequential, x: Array, ref: _Reference, sources: list[Source]
     param_sources: dict[str, list[_Sampler]] = {}
     fast: dict[str, list[_OutputNoise]] = {}
     coarse: list[tuple[str, float]] = []
+    input_error: Array | None = None
     for key, src in enumerate(sources):
         if src.kind == "input":
             value = x
@@ -319,12 +320,13 @@ def _make_plan(net: Sequential, x: Array, ref: _Reference, sources: list[Source]
             grid = src.quantizer.fit_in_context(ref.inputs[src.layer],
                                                 what=f"the input of {src.layer!r}",
                                                 fitted=fitted)
-            value = seen_by_quantizer(ref.inputs[src.layer], x,
-                                      fitted["input"].error if "input" in fitted else None)
+            value = seen_by_quantizer(ref.inputs[src.layer], x, input_error)
         else:
             value = ops[src.layer].params[src.param]
             grid = src.quantizer.fit(value, channel_axis=0, what=f"parameter {src.name!r}")
         fitted[src.name] = _Fitted(grid, value, key)
+        if src.kind == "input":  # once: the value every layer reading the input sees
+            input_error = fitted[src.name].error
         peak = float(np.max(np.abs(value)))
         if peak > 0:
             coarse.append((src.name, float(np.min(grid.scale)) / peak))
