@@ -241,7 +241,7 @@ class Uniform(Quantizer):
         needs a random generator), or ``"floor"``.
     clip : ``"minmax"`` (the range is the data's), ``"percentile"`` (the
         ``percentile`` of ``|x|``, or of ``x`` on both tails when asymmetric), or
-        ``"mse"`` (the clipping ratio in ``(0, 1]`` of the range that minimises the
+        ``"mse"`` (the clipping ratio in ``[10⁻³, 1]`` of the range that minimises the
         squared quantization error, searched per scale group: 30 ratios geometrically
         from 1 to 10⁻³, then twice 13 between the best one's neighbours).
     scale : ``"float"`` or ``"pow2"`` (rounded *up* to a power of two, so the
@@ -405,9 +405,8 @@ class Uniform(Quantizer):
         error, per scale group: ``_MSE_COARSE`` ratios spaced geometrically (the loss is
         not unimodal: with one outlier the best range may clip it far inside), then
         twice ``_MSE_FINE`` ratios between the best one's neighbours (0.3% apart at the
-        end). Low bit widths need small
-        ratios: the 2-bit (3-level) optimum for Gaussian data is ``r ≈ 0.27`` of the max of
-        10⁶ samples (step ``1.224σ``, Max 1960)."""
+        end). Low bit widths need small ratios: the 2-bit (3-level) optimum for Gaussian
+        data is ``r ≈ 0.27`` of the max of 10⁶ samples (step ``1.224σ``, Max 1960)."""
         best = np.full(scale.shape, np.inf)
         chosen = np.ones(scale.shape)
 
