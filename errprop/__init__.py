@@ -20,7 +20,11 @@ from ._files import FileFormatError, UntrustedCodeError
 from ._io import load, mask_padding, save
 from ._convergence import Convergence, ConvergenceRow, convergence
 from ._demo import digits_mlp
-from ._graph import NodeInfo, Residual, Sequential
+from ._graph import NodeInfo, Parallel, Residual, Sequential
+from ._functional import Graph, Handle, Input
+from ._merge import Add, Concat, MatMul, Merge, Mul
+from ._network import Network
+from ._shape_ops import Reshape, Scale, Slice, Transpose
 from ._linear import Linear
 from ._onnx import from_onnx
 from ._montecarlo import MonteCarloResult, NodeStats, monte_carlo
@@ -50,6 +54,20 @@ from ._torch import from_torch
 __version__ = "0.1.0"
 
 __all__ = [
+    "Add",
+    "Concat",
+    "Graph",
+    "Handle",
+    "Input",
+    "MatMul",
+    "Merge",
+    "Mul",
+    "Network",
+    "Parallel",
+    "Reshape",
+    "Scale",
+    "Slice",
+    "Transpose",
     "ACTIVATIONS",
     "Activation",
     "Allocation",

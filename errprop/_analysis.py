@@ -26,6 +26,7 @@ import numpy as np
 from ._checks import check_real, check_rng, check_seed
 from ._config import QuantConfig, Source, seen_by_quantizer
 from ._graph import Sequential, check_finite_node, check_input, walk
+from ._merge import Merge
 from ._op import Array, Op
 from ._report import NodeResult, Report, SourceResult
 from ._rows import add_keyed
@@ -104,10 +105,24 @@ class _Propagate:
         self._record(name, type(op).__name__, out, diagnostics)
         return out
 
-    def residual(self, name: str, skip: _State, branch: _State) -> _State:
-        keys, dx = add_keyed(skip.keys, skip.dx, branch.keys, branch.dx)
-        out = _State(skip.x + branch.x, skip.xq + branch.xq, keys, dx)
-        self._record(name, "Residual", out)
+    def merge(self, name: str, op: Merge, states: list[_State]) -> _State:
+        xs = [s.x for s in states]
+        y = op.forward(xs)
+        self.forward[name] = (tuple(xs), y)
+        keys: list[str] = []
+        dy: Array | None = None
+        for i, s in enumerate(states):
+            if s.dx is None:
+                continue
+            dxs: list[Array | None] = [None] * len(states)
+            dxs[i] = s.dx
+            keys, dy = add_keyed(keys, dy, s.keys, op.jvp(xs, y, dxs, {}))
+        diagnostics = {}
+        if type(op).diagnose is not Merge.diagnose:
+            diagnostics = op.diagnose(xs, y, [None if s.dx is None else s.dx.sum(axis=0)
+                                              for s in states])
+        out = _State(y, op.forward([s.xq for s in states]), keys, dy)
+        self._record(name, op.kind, out, diagnostics)
         return out
 
 

@@ -54,6 +54,8 @@ class Attention(Op):
     quantize_input = True
     maskable = True
     min_ndim = 3
+    max_ndim = 3
+    ndim_because = "the network contains attention"
 
     def __init__(self, Wq: object, Wk: object, Wv: object, Wo: object,
                  bq: object | None = None, bk: object | None = None,

@@ -40,6 +40,7 @@ from ._budget import _injected_mse
 from ._export import csv_text, json_text
 from ._files import write_text
 from ._graph import Sequential, walk
+from ._network import forward_pairs
 from ._rows import add_keyed
 from ._op import Array, Op
 from ._passes import bound_pass
@@ -367,7 +368,7 @@ def budget_matrix(net: Sequential, x: object, report: Report, *, by: str = "sour
     N, S, P = len(nodes), len(names), int(probes)
     out = {n: (np.zeros(S), np.zeros(S), np.zeros_like(report.nodes[n].value), np.zeros(1))
            for n in nodes}
-    biggest = max(max(a.size, b.size) for a, b in forward.values())
+    biggest = max(max(max(a.size for a in xs), b.size) for xs, b in forward_pairs(forward))
     per_pass = max(1, int(memory_limit // (_BYTES_PER_ROW * biggest * (1 + P))))
     for j0 in range(0, S, per_pass):
         active = set(range(j0, min(S, j0 + per_pass)))

@@ -35,6 +35,7 @@ class Embedding(Op):
     prefix = "embed"
     maskable = True
     ndim_change = 1
+    max_ndim = 2
     integer_input = True
 
     def __init__(self, word: object, position: object | None = None,

@@ -97,6 +97,10 @@ class Op(ABC):
         return in_features
 
     min_ndim: ClassVar[int] = 2
+    #: the most axes the op's input may have (None: any number; batch first)
+    max_ndim: ClassVar[int | None] = None
+    #: Why an input needs ``min_ndim`` axes, for the error message (default: a token axis).
+    ndim_because: ClassVar[str | None] = None
 
     # ------------------------------------------------------------------ math
     @abstractmethod
@@ -207,6 +211,13 @@ class Op(ABC):
         ``"flat_norm"``); empty when the op has no such regime.
         """
         return {}
+
+    def __call__(self, x: object) -> object:
+        """``op(handle)``: a node of a functional :class:`errprop.Graph`; ``op(array)``:
+        the float forward."""
+        from ._functional import apply
+
+        return apply(self, (x,))
 
     def linearize(self, x: Array) -> tuple[Array, Rule]:
         """Forward output and the first-order rule closed over any intermediates."""

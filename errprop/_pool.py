@@ -28,6 +28,7 @@ class MeanPool(Op):
     maskable = True
     ndim_change = -1
     min_ndim = 3
+    max_ndim = 3
 
     def __init__(self, mask: object | None = None, name: str | None = None) -> None:
         super().__init__(name)

@@ -30,6 +30,7 @@ import numpy as np
 from scipy import special
 
 from ._graph import Sequential, walk_backward
+from ._network import forward_pairs
 from ._op import Array, Op, Outer
 from ._quant import ErrorModel
 from ._report import SourceResult
@@ -128,8 +129,9 @@ def output_statistics(net: Sequential, y: Array, forward: Mapping[str, tuple[Arr
             f"{work_limit:.0e}). Use report.node_statistics(probes=...) for an estimate with "
             f"error bars at every node (the output included), analyze fewer inputs, or raise "
             f"analyze(..., statistics_work_limit=...)")
-    per_pair = max(int(x.size // B) + int(o.size // B) for x, o in forward.values())
-    if any(x.ndim > 2 for x, _ in forward.values()):
+    per_pair = max(sum(int(x.size // B) for x in xs) + int(o.size // B)
+                   for xs, o in forward_pairs(forward))
+    if any(x.ndim > 2 for xs, _ in forward_pairs(forward) for x in xs):
         # with a token axis the per-sample weight cotangents are dense; without one they
         # stay factored (Outer) and cost no more than the node values
         per_pair += max((s.error.size for s in sources.values() if s.source.param), default=0)
@@ -249,8 +251,10 @@ def _estimated_work(net: Sequential, forward: Mapping[str, tuple[Array, Array]],
     """Multiply-adds of the sweeps: per (output, batch element) one backward pass — about
     one multiply-add per weight per token plus the node values — plus the dense weight
     cotangents ``Σ_t g_t ⊗ x_t`` where there are tokens."""
-    tokens = max((int(np.prod(x.shape[1:-1])) for x, _ in forward.values()), default=1)
-    nodes = sum(int(x.size // B) + int(o.size // B) for x, o in forward.values())
+    tokens = max((int(np.prod(xs[0].shape[1:-1])) for xs, _ in forward_pairs(forward)),
+                 default=1)
+    nodes = sum(sum(int(x.size // B) for x in xs) + int(o.size // B)
+                for xs, o in forward_pairs(forward))
     every_weight = sum(p.size for _, op in net.layers() for p in op.params.values()
                        if p.ndim == 2)
     quantized = sum(s.error.size for s in sources.values()
