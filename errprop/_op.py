@@ -212,12 +212,12 @@ class Op(ABC):
         """
         return {}
 
-    def __call__(self, x: object) -> object:
+    def __call__(self, *x: object) -> object:
         """``op(handle)``: a node of a functional :class:`errprop.Graph`; ``op(array)``:
         the float forward."""
         from ._functional import apply
 
-        return apply(self, (x,))
+        return apply(self, x)
 
     def linearize(self, x: Array) -> tuple[Array, Rule]:
         """Forward output and the first-order rule closed over any intermediates."""
