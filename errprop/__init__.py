@@ -25,6 +25,7 @@ from ._functional import Graph, Handle, Input
 from ._merge import Add, Concat, MatMul, Merge, Mul
 from ._network import Network
 from ._shape_ops import Reshape, Scale, Slice, Transpose
+from ._rotary import Rotary
 from ._linear import Linear
 from ._onnx import from_onnx
 from ._montecarlo import MonteCarloResult, NodeStats, monte_carlo
@@ -65,6 +66,7 @@ __all__ = [
     "Network",
     "Parallel",
     "Reshape",
+    "Rotary",
     "Scale",
     "Slice",
     "Transpose",
