@@ -50,3 +50,13 @@ def test_bench_montecarlo_quick():
               "--no-env-compare")
     assert "samples·inputs/s" in out
     assert re.search(r"\d\.\d\d×", out), "ratios against torch"
+
+
+def test_bench_versions_quick():
+    """Two versions of the package timed round-robin; the table has one ratio per workload."""
+    out = run("bench_versions.py", "--quick", "--repeats", "1", "--base", "HEAD")
+    assert "current / base" in out
+    for workload in ("mlp analyze", "mlp statistics", "mlp monte_carlo",
+                     "transformer analyze", "transformer monte_carlo"):
+        assert re.search(rf"\| {workload} +\| [0-9.e-]+ +\| [0-9.e-]+ +\| \d\.\d{{3}}", out), \
+            workload
