@@ -19,7 +19,8 @@ NEEDS = {"docs/real-models.md": "minilm"}
 @pytest.mark.parametrize("doc", ["README.md", "docs/adding-an-op.md", "docs/montecarlo.md",
                                  "docs/real-models.md", "docs/budgets.md", "docs/sweeps.md",
                                  "docs/formats.md", "docs/gallery.md", "docs/gpfq.md",
-                                 "docs/training.md", "docs/symbolic.md", "docs/guide.md"])
+                                 "docs/training.md", "docs/symbolic.md", "docs/guide.md",
+                                 "docs/graphs.md"])
 def test_python_blocks_run(doc, request):
     if doc in NEEDS:
         request.getfixturevalue(NEEDS[doc])

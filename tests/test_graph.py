@@ -210,3 +210,16 @@ def test_scale_by_constant_in_a_graph():
     rep = ep.analyze(net, x, ep.QuantConfig(weights=ep.Uniform(5)))
     np.testing.assert_allclose(rep.exact, 0.5 * (x @ rep.sources["fc1.W"].error.T),
                                atol=1e-14)
+
+
+def test_docs_graph_listing_is_current():
+    """docs/graphs.md shows the listing its first example prints."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "graphs.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0].replace("print(mlp)", "")
+    shown = re.findall(r"```\n(Sequential.*?)```", text, flags=re.S)[0]
+    ns: dict = {}
+    exec(code, ns)  # noqa: S102
+    assert repr(ns["mlp"]).strip() == shown.strip()
