@@ -15,63 +15,11 @@ order they were made (a topological order), names them as ``Sequential`` does
 
 from __future__ import annotations
 
-import itertools
-
-import numpy as np
-
-from ._merge import Merge
+from ._handle import Handle, Input
 from ._network import INPUT, Network, Node, NodeInfo
-from ._op import Op, check_local_name
+from ._op import check_local_name
 
-_order = itertools.count()
-
-
-class Handle:
-    """The value one node of a graph under construction produces (or the input)."""
-
-    __slots__ = ("op", "inputs", "block", "seq")
-
-    def __init__(self, op: object, inputs: tuple, block: object = None) -> None:
-        self.op, self.inputs, self.block = op, inputs, block
-        self.seq = next(_order)
-
-    def __repr__(self) -> str:
-        if self.op is None:
-            return "<errprop input>"
-        return f"<errprop value of {self.op!r}>"
-
-
-def Input() -> Handle:
-    """The network input of a functional :class:`Graph`."""
-    return Handle(None, ())
-
-
-def _check_handles(op: object, inputs: tuple) -> None:
-    for i, h in enumerate(inputs):
-        if not isinstance(h, Handle):
-            raise TypeError(f"{op!r}: input {i} is a {type(h).__name__}; in a functional "
-                            f"graph each op takes the handles other calls return "
-                            f"(start from errprop.Input())")
-
-
-def apply(op: Op | Merge, inputs: tuple):
-    """``op(*inputs)``: a node of a graph under construction; on arrays, the forward."""
-    if inputs and not any(isinstance(h, Handle) for h in inputs):
-        xs = [np.asarray(v, dtype=float) for v in inputs]
-        return op.forward(xs[0]) if isinstance(op, Op) else op.forward(xs)
-    _check_handles(op, inputs)
-    if isinstance(op, Op) and len(inputs) != 1:
-        raise TypeError(f"{op!r} takes one input, got {len(inputs)}")
-    if isinstance(op, Merge):
-        op.check_arity(len(inputs), op.name or type(op).__name__)
-    return Handle(op, tuple(inputs))
-
-
-def apply_block(block: Network, x: Handle) -> Handle:
-    """A whole ``Sequential`` (or other network) used as one step of a graph: its nodes
-    are copied in with their names."""
-    _check_handles(block, (x,))
-    return Handle(block, (x,), block=block)
+__all__ = ["Graph", "Handle", "Input"]
 
 
 class Graph(Network):

@@ -25,6 +25,7 @@ from typing import ClassVar
 import numpy as np
 
 from ._checks import check_bool, check_int
+from ._handle import is_symbolic, node
 from ._op import Array, check_local_name
 from ._registrars import _lead_of, bilinear, frobenius, max_abs, structural
 
@@ -102,9 +103,10 @@ class Merge:
         return 0
 
     def __call__(self, *inputs):
-        from ._functional import apply
-
-        return apply(self, inputs)
+        if is_symbolic(inputs):
+            self.check_arity(len(inputs), self.name or type(self).__name__)
+            return node(self, inputs)
+        return self.forward([np.asarray(v, dtype=float) for v in inputs])
 
     def __repr__(self) -> str:
         label = f"{self.name!r}, " if self.name else ""

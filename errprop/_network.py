@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ._checks import real_array
+from ._handle import is_symbolic, node
 from ._merge import Add, Merge
 from ._op import Array, Op
 
@@ -212,10 +213,8 @@ class Network:
         return sum(op.num_params() for _, op in self.layers())
 
     def __call__(self, x: object) -> Array:
-        from ._functional import Handle, apply_block
-
-        if isinstance(x, Handle):
-            return apply_block(self, x)
+        if is_symbolic((x,)):
+            return node(self, (x,), block=self)
         x = check_input(self, x)
         # overflow is reported per node by the interpreter, not as a NumPy warning
         with np.errstate(over="ignore", invalid="ignore"):

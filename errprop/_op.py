@@ -27,6 +27,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from ._handle import is_symbolic, node
 from ._checks import real_array
 
 Array = np.ndarray
@@ -215,9 +216,11 @@ class Op(ABC):
     def __call__(self, *x: object) -> object:
         """``op(handle)``: a node of a functional :class:`errprop.Graph`; ``op(array)``:
         the float forward."""
-        from ._functional import apply
-
-        return apply(self, x)
+        if is_symbolic(x):
+            return node(self, x, arity=1)
+        if len(x) != 1:
+            raise TypeError(f"{self!r} takes one input, got {len(x)}")
+        return self.forward(np.asarray(x[0], dtype=float))
 
     def linearize(self, x: Array) -> tuple[Array, Rule]:
         """Forward output and the first-order rule closed over any intermediates."""
