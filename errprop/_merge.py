@@ -242,6 +242,10 @@ class MatMul(Merge):
 
     def forward(self, xs, params=None):
         a, b = xs
+        if a.ndim != b.ndim or a.ndim < 3:
+            raise ValueError(f"{self!r}: inputs of shapes {a.shape} and {b.shape}: both must "
+                             f"have the same number of axes, at least 3 (batch first, then "
+                             f"any broadcast axes, then the two matrix axes)")
         bb = self._b(b)
         if a.ndim < 2 or bb.ndim < 2 or a.shape[-1] != bb.shape[-2]:
             raise ValueError(f"{self!r}: cannot multiply inputs of shapes {a.shape} and "
