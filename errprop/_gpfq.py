@@ -52,8 +52,10 @@ import numpy as np
 
 from ._checks import check_choice, check_real, check_rng, check_seed, real_array
 from ._config import QuantConfig
-from ._graph import Sequential, check_input, walk
+from ._graph import check_input, walk
 from ._linear import Linear
+from ._merge import Merge
+from ._network import Network
 from ._op import Array, Op
 from ._fixed import Fixed
 
@@ -228,11 +230,11 @@ class _FollowQuantized:
         self.results[name] = (Q, delta)
         return _Pair(y, op.forward(s.xq, {**op.params, "W": Q}))
 
-    def residual(self, name: str, skip: _Pair, branch: _Pair) -> _Pair:
-        return _Pair(skip.x + branch.x, skip.xq + branch.xq)
+    def merge(self, name: str, op: Merge, states: list[_Pair]) -> _Pair:
+        return _Pair(op.forward([s.x for s in states]), op.forward([s.xq for s in states]))
 
 
-def gpfq_config(net: Sequential, x: object, bits: int, *, method: str = "gpfq",
+def gpfq_config(net: Network, x: object, bits: int, *, method: str = "gpfq",
                 seed: int | None = 0, layers: str | list[str] = "all",
                 granularity: str = "channel", scale: float = 1.0,
                 base: QuantConfig | None = None) -> QuantConfig:
@@ -242,11 +244,14 @@ def gpfq_config(net: Sequential, x: object, bits: int, *, method: str = "gpfq",
     Layers are visited in execution order. Each Linear's weight is quantized on its
     input in the float network (``X``) and in the network whose earlier weights are
     already quantized (``X̃``), as the papers do, so later layers correct the error of
-    earlier ones. Batch and token axes are flattened into samples.
+    earlier ones. Batch and token axes are flattened into samples. Any graph works:
+    merges (residual joins, ``Mul``, ``Concat``, ``MatMul``) combine the float and the
+    quantized values separately, so each Linear of a gated MLP or of a decomposed
+    attention sees its own ``X`` and ``X̃``.
 
     Parameters
     ----------
-    net : Sequential
+    net : Sequential or Graph
     x : the calibration batch, ``(batch, features)`` or ``(batch, tokens, features)``.
     bits : int, 2..16 (see :func:`gpfq` for the alphabet).
     method : ``"gpfq"`` or ``"spfq"``.

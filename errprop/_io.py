@@ -4,6 +4,13 @@ errprop's format is a folder with ``model.json`` (the graph, human-readable: lay
 names, shapes, settings) and ``weights.npz`` (every parameter under its node name, e.g.
 ``block0.attn.Wq``). Floats are stored as float64, exactly as the network holds them, so
 ``load(save(net))`` reproduces every output bit for bit.
+
+``model.json`` holds the network as it was built: ``Sequential``/``Residual`` (``layers``),
+``Parallel`` (``branches``, ``merge``) and functional ``Graph`` s (``nodes``, each an op
+with its ``inputs`` by node name, ``""`` the graph input). An op is ``{"type", "name",
+"node", "params", "config"}`` (``op.config()``); the registry :func:`register_op` says
+which op types are saved and how each is rebuilt. Version-1 files (trees of the first
+ops, e.g. the shipped digits MLP) read as before.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,40 +36,200 @@ from ._checks import check_bool, check_int
 from ._embedding import Embedding
 from ._files import (MEMORY_LIMIT, STALE_ANY, FileFormatError, make_readable, read_json,
                      remove, temp_name)
-from ._graph import Residual, Sequential, _Container
+from ._functional import Graph
+from ._graph import Parallel, Residual, Sequential
 from ._linear import Linear
+from ._merge import Add, Concat, MatMul, Merge, Mul
+from ._network import Network, Node, NodeInfo, _Join
 from ._norm import L2Normalize, LayerNorm, RMSNorm
-from ._npz import read_npz
-from ._op import Array, Op
+from ._npz import SpecReader, check_links, read_npz
+from ._op import Array, Op, check_local_name
 from ._pool import MeanPool
+from ._shape_ops import Reshape, Scale, Slice, Transpose
 
 FORMAT = "errprop-model"
-VERSION = 1
+#: format versions this errprop reads; a file gets the lowest that has all it uses
+VERSIONS = (1, 2)
 SPEC, WEIGHTS = "model.json", "weights.npz"
 
-#: op types ``save`` can write and ``load`` can rebuild
-OPS: dict[str, type[Op]] = {cls.__name__: cls for cls in (
-    Linear, Activation, Softmax, Attention, LayerNorm, RMSNorm, L2Normalize, Embedding,
-    MeanPool)}
+
+# ---------------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class OpEntry:
+    """How ``save`` writes and ``load`` rebuilds one op class."""
+
+    cls: type
+    type: str  # its name in model.json
+    version: int  # the first format version that has it
+    build: Callable[[dict[str, Array], dict[str, Any], str | None], Any]
+
+
+_BY_CLASS: dict[type, OpEntry] = {}
+_BY_TYPE: dict[str, OpEntry] = {}
+
+
+def register_op(cls: type, *, type_name: str | None = None, version: int = 2,
+                build: Callable[[dict[str, Array], dict[str, Any], str | None], Any]
+                | None = None) -> type:
+    """Let :func:`save` write ops of exactly the class ``cls`` and :func:`load` rebuild
+    them. ``build(params, config, name)`` makes the op from its parameters, its
+    ``config()`` and its name (default: ``cls(**params, **config, name=name)``, the
+    contract of :meth:`errprop.Op.config`); ``type_name`` is its name in ``model.json``
+    (default the class name)."""
+    name = cls.__name__ if type_name is None else type_name
+    known = _BY_TYPE.get(name)
+    if known is not None and known.cls is not cls:
+        raise ValueError(f"register_op: the type name {name!r} is taken by "
+                         f"{known.cls.__module__}.{known.cls.__qualname__}")
+    entry = OpEntry(cls, name, version, build or (
+        lambda params, config, op_name: cls(**params, **config, name=op_name)))
+    _BY_CLASS[cls] = _BY_TYPE[name] = entry
+    return cls
+
+
+for _cls in (Linear, Activation, Softmax, Attention, LayerNorm, RMSNorm, L2Normalize,
+             Embedding, MeanPool):
+    register_op(_cls, version=1)
+for _cls in (Add, Mul, Concat, MatMul, Reshape, Transpose, Slice, Scale):
+    register_op(_cls)
+# a Residual's join, as it appears in a Graph that holds a Residual (from a block)
+register_op(_Join, type_name="ResidualJoin")
+
+
+def _graph(name: str | None, nodes: list[Node], infos: list[NodeInfo]) -> Graph:
+    """A :class:`Graph` with exactly these nodes and names (checked as any graph is)."""
+    check_local_name(name)
+    net = Graph.__new__(Graph)
+    net.name = name
+    net._finish(infos, nodes)
+    return net
+
+
+# ---------------------------------------------------------------------- structures
+class _SequentialCodec:
+    cls, type, version = Sequential, "Sequential", 1
+
+    def write(self, node, w):
+        return {"type": self.type, "name": node.name,
+                "layers": [w.node(child) for child in node.children]}
+
+    def check(self, spec, r, where):
+        for i, child in enumerate(r.listed(spec, "layers", where)):
+            r.check(child, f"{where}.layers[{i}]")
+
+    def children(self, spec, r):
+        return [r.build(child) for child in spec.get("layers", [])]
+
+    def build(self, spec, r):
+        return Sequential(self.children(spec, r), name=spec.get("name"))
+
+    def map(self, node, fn):
+        return Sequential([fn(child) for child in node.children], name=node.name)
+
+
+class _ResidualCodec(_SequentialCodec):
+    cls, type, version = Residual, "Residual", 1
+
+    def build(self, spec, r):
+        return Residual(*self.children(spec, r), name=spec.get("name"))
+
+    def map(self, node, fn):
+        return Residual(*(fn(child) for child in node.children), name=node.name)
+
+
+class _ParallelCodec:
+    cls, type, version = Parallel, "Parallel", 2
+
+    def write(self, node, w):
+        name = w.root.name_of(node.merge)
+        return {"type": self.type, "branches": [[w.node(c) for c in b] for b in node.branches],
+                "merge": w.op(node.merge, name, name)}
+
+    def check(self, spec, r, where):
+        for i, branch in enumerate(r.listed(spec, "branches", where)):
+            if not isinstance(branch, list):
+                raise r.bad(where, f"branch {i} must be a list of layers, got "
+                            f"{type(branch).__name__}")
+            for j, child in enumerate(branch):
+                r.check(child, f"{where}.branches[{i}][{j}]")
+        r.check_op(spec.get("merge"), f"{where}.merge")
+
+    def build(self, spec, r):
+        branches = [[r.build(c) for c in b] for b in spec.get("branches", [])]
+        merge = r.build(spec["merge"])
+        if isinstance(merge, Merge):  # name the node (Parallel's own message cannot)
+            merge.check_arity(len(branches), str(spec["merge"].get("node")))
+        return Parallel(*branches, merge=merge)
+
+    def map(self, node, fn):
+        return Parallel(*([fn(c) for c in b] for b in node.branches), merge=node.merge)
+
+
+class _GraphCodec:
+    cls, type, version = Graph, "Graph", 2
+
+    def write(self, net, w):
+        nodes = []
+        for node, info in zip(net.dag(), net.nodes()):
+            spec = w.op(node.op, node.name, w.root.name_of(info.node))
+            nodes.append({**spec, "inputs": list(node.inputs)})
+        return {"type": self.type, "name": net.name, "nodes": nodes}
+
+    def check(self, spec, r, where):
+        nodes = r.listed(spec, "nodes", where)
+        for i, node in enumerate(nodes):
+            r.check_op(node, f"{where}.nodes[{i}]")
+        check_links(nodes, r.bad, where)
+
+    def build(self, spec, r):
+        nodes, infos = [], []
+        for node in spec["nodes"]:
+            op, name = r.build(node), node["node"]
+            if isinstance(op, Op) and len(node["inputs"]) != 1:
+                raise ValueError(f"node {name!r} ({node['type']}) takes one input, got "
+                                 f"{len(node['inputs'])}")
+            nodes.append(Node(name, op, tuple(node["inputs"])))
+            # the kind a graph reports: a merge says its own (a join: "Residual")
+            kind = op.kind if isinstance(op, Merge) else type(op).__name__
+            infos.append(NodeInfo(name, op, kind))
+        return _graph(spec.get("name"), nodes, infos)
+
+    def map(self, net, fn):
+        nodes, infos = [], []
+        for node, info in zip(net.dag(), net.nodes()):
+            op = fn(node.op)
+            nodes.append(Node(node.name, op, node.inputs))
+            infos.append(NodeInfo(info.name, op if info.node is node.op else info.node,
+                                  info.kind))
+        return _graph(net.name, nodes, infos)
+
+
+_STRUCTURES = {c.cls: c for c in (_SequentialCodec(), _ResidualCodec(), _ParallelCodec(),
+                                  _GraphCodec())}
+_STRUCTURE_TYPES = {c.type: c for c in _STRUCTURES.values()}
 
 
 # ---------------------------------------------------------------------- save
-def save(net: Sequential, path: str | os.PathLike) -> Path:
-    """Write ``net`` to the folder ``path`` (``model.json`` + ``weights.npz``).
+def save(net: Network, path: str | os.PathLike) -> Path:
+    """Write ``net`` (a ``Sequential`` or a ``Graph``) to the folder ``path``
+    (``model.json`` + ``weights.npz``).
 
     The folder is written whole or not at all: the files go to a temporary folder
     next to it, which then replaces ``path``. Returns the folder's path.
     """
-    if not isinstance(net, Sequential):
-        raise TypeError(f"save expects an errprop Sequential, got {type(net).__name__}")
-    unknown = sorted({f"{name} ({type(op).__name__})" for name, op in net.layers()
-                      if OPS.get(type(op).__name__) is not type(op)})
+    if not isinstance(net, Network) or type(net) not in _STRUCTURES:
+        raise TypeError(f"save expects an errprop Sequential or Graph, got "
+                        f"{type(net).__name__}")
+    unknown = sorted({f"{node.name} ({type(node.op).__name__})" for node in net.dag()
+                      if type(node.op) not in _BY_CLASS})
     if unknown:
-        raise TypeError(f"save cannot write these layers (known types: {', '.join(OPS)}): "
+        raise TypeError(f"save cannot write these layers (known types: "
+                        f"{', '.join(_BY_TYPE)}; errprop._io.register_op adds one): "
                         f"{', '.join(unknown)}")
-    arrays: dict[str, Array] = {}
-    spec = {"format": FORMAT, "version": VERSION, "num_params": net.num_params(),
-            "net": _node_spec(net, net, arrays)}
+    writer = _Writer(net)
+    top = writer.node(net)
+    spec = {"format": FORMAT, "version": writer.version, "num_params": net.num_params(),
+            "net": top}
     path = Path(path)
     if not path.exists():
         _recover(path)
@@ -73,7 +241,7 @@ def save(net: Sequential, path: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(**temp_name(path)))
     try:
         with open(tmp / WEIGHTS, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **writer.arrays)
         (tmp / SPEC).write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
         make_readable(tmp)
         if not path.exists():
@@ -118,32 +286,49 @@ def _clean_old_saves(path: Path) -> None:
             remove(entry)
 
 
-def _node_spec(node: Any, root: Sequential, arrays: dict[str, Array]) -> dict[str, Any]:
-    if isinstance(node, _Container):
-        return {"type": type(node).__name__, "name": node.name,
-                "layers": [_node_spec(child, root, arrays) for child in node.children]}
-    qualified = root.name_of(node)
-    params = {}
-    for key, value in node.params.items():
-        arrays[f"{qualified}.{key}"] = value
-        params[key] = {"array": f"{qualified}.{key}", "shape": list(value.shape)}
-    config: dict[str, Any] = {}
-    for key, value in node.config().items():
-        if isinstance(value, np.ndarray):
-            arrays[f"{qualified}:{key}"] = value
-            config[key] = {"array": f"{qualified}:{key}"}
-        else:
-            config[key] = value
-    return {"type": type(node).__name__, "name": node.name, "node": qualified,
-            "params": params, "config": config}
+class _Writer:
+    """Specs of the nodes of ``root`` and the arrays they name."""
+
+    def __init__(self, root: Network) -> None:
+        self.root, self.arrays, self.version = root, {}, 1
+
+    def node(self, node: Any) -> dict[str, Any]:
+        codec = _STRUCTURES.get(type(node))
+        if codec is not None:
+            self.version = max(self.version, codec.version)
+            return codec.write(node, self)
+        if type(node) not in _BY_CLASS:
+            raise TypeError(f"save cannot write {type(node).__name__} blocks (it writes "
+                            f"{', '.join(c.type for c in _STRUCTURES.values())} and ops)")
+        name = self.root.name_of(node)
+        return self.op(node, name, name)
+
+    def op(self, op: Any, node: str, qualified: str) -> dict[str, Any]:
+        """``op`` as the node named ``node``; its arrays are stored as ``qualified.KEY``."""
+        entry = _BY_CLASS[type(op)]
+        self.version = max(self.version, entry.version)
+        params = {}
+        for key, value in op.params.items():
+            self.arrays[f"{qualified}.{key}"] = value
+            params[key] = {"array": f"{qualified}.{key}", "shape": list(value.shape)}
+        config: dict[str, Any] = {}
+        for key, value in op.config().items():
+            if isinstance(value, np.ndarray):
+                self.arrays[f"{qualified}:{key}"] = value
+                config[key] = {"array": f"{qualified}:{key}"}
+            else:
+                config[key] = value
+        return {"type": entry.type, "name": op.name, "node": node, "params": params,
+                "config": config}
 
 
 # ---------------------------------------------------------------------- load
 def load(path: str | os.PathLike, *, trusted: bool = False, memory_limit: int = MEMORY_LIMIT,
-         **options: Any) -> Sequential:
+         **options: Any) -> Network:
     """Load a network from any source errprop reads.
 
-    * an errprop model folder (``model.json`` + ``weights.npz``, written by :func:`save`);
+    * an errprop model folder (``model.json`` + ``weights.npz``, written by :func:`save`):
+      the ``Sequential`` or ``Graph`` that was saved;
     * a Hugging Face BERT-style folder (``config.json`` with ``model_type: bert`` and
       ``model.safetensors``), e.g. all-MiniLM-L6-v2 — see :func:`errprop.load_bert`,
       which receives ``options``;
@@ -171,7 +356,7 @@ def load(path: str | os.PathLike, *, trusted: bool = False, memory_limit: int = 
 
 
 def _dispatch(path: Path, trusted: bool, memory_limit: int, options: dict[str, Any]
-              ) -> Sequential:
+              ) -> Network:
     if path.is_dir():
         if (path / SPEC).is_file():
             return _load_errprop(path, memory_limit, options)
@@ -194,7 +379,7 @@ def _dispatch(path: Path, trusted: bool, memory_limit: int, options: dict[str, A
                      f"folder, a .onnx file or a .pt/.pth file")
 
 
-def _load_errprop(folder: Path, memory_limit: int, options: Mapping[str, Any]) -> Sequential:
+def _load_errprop(folder: Path, memory_limit: int, options: Mapping[str, Any]) -> Network:
     if options:
         raise TypeError(f"load: {', '.join(options)} do not apply to an errprop model folder "
                         f"({folder})")
@@ -202,81 +387,27 @@ def _load_errprop(folder: Path, memory_limit: int, options: Mapping[str, Any]) -
     spec = read_json(file, "model spec")
     if not isinstance(spec, Mapping) or spec.get("format") != FORMAT:
         raise FileFormatError(file, f"not an errprop model spec (format {FORMAT!r} expected)")
-    if spec.get("version") != VERSION:
+    if spec.get("version") not in VERSIONS:
         raise FileFormatError(file, f"format version {spec.get('version')!r} is not "
-                              f"supported (this errprop reads version {VERSION})")
+                              f"supported (this errprop reads versions "
+                              f"{', '.join(map(str, VERSIONS))})")
     if not (folder / WEIGHTS).is_file():
         raise FileNotFoundError(f"{folder} has {SPEC} but no {WEIGHTS}")
     top = spec.get("net")
-    refs: dict[str, tuple[int, ...] | None] = {}
+    reader = SpecReader(file, _STRUCTURE_TYPES, _BY_TYPE)
     try:
-        _collect(top, refs, file, "net")
-        arrays = read_npz(folder / WEIGHTS, refs, memory_limit=memory_limit)
-        net = _build(top, arrays, file)
+        reader.check(top, "net")
+        reader.arrays = read_npz(folder / WEIGHTS, reader.refs, memory_limit=memory_limit)
+        net = reader.build(top)
     except RecursionError:
         raise FileFormatError(file, "the graph is nested too deeply") from None
     except FileFormatError:
         raise
     except (TypeError, ValueError) as exc:
         raise FileFormatError(file, f"the graph cannot be built: {exc}") from None
-    if not isinstance(net, Sequential):
-        raise FileFormatError(file, "the top node must be a Sequential")
+    if not isinstance(net, Network):
+        raise FileFormatError(file, "the top node must be a Sequential or a Graph")
     return net
-
-
-def _collect(spec: Any, refs: dict[str, tuple[int, ...] | None], file: Path, where: str
-             ) -> None:
-    """Check the structure of the node ``spec`` and gather the arrays it names with their
-    declared shapes, so every size is known before ``weights.npz`` is read."""
-    def bad(what: str) -> FileFormatError:
-        return FileFormatError(file, f"{where}: {what}")
-
-    if not isinstance(spec, Mapping):
-        raise bad(f"a node must be a JSON object, got {type(spec).__name__}")
-    kind = spec.get("type")
-    if not isinstance(spec.get("name", None), (str, type(None))):
-        raise bad(f"'name' must be a string, got {spec['name']!r}")
-    if kind in ("Sequential", "Residual"):
-        layers = spec.get("layers", [])
-        if not isinstance(layers, list):
-            raise bad(f"'layers' must be a list, got {type(layers).__name__}")
-        for i, child in enumerate(layers):
-            _collect(child, refs, file, f"{where}.layers[{i}]")
-        return
-    if kind not in OPS:
-        raise bad(f"unknown layer type {kind!r} (node {spec.get('node')!r}); known: "
-                  f"{', '.join(OPS)}")
-    for section in ("params", "config"):
-        entries = spec.get(section, {})
-        if not isinstance(entries, Mapping):
-            raise bad(f"'{section}' must be an object, got {type(entries).__name__}")
-        for key, ref in entries.items():
-            if section == "config" and not isinstance(ref, Mapping):
-                continue  # a plain setting
-            if not isinstance(ref, Mapping) or not isinstance(ref.get("array"), str):
-                raise bad(f"{section} {key!r} must be {{\"array\": NAME, ...}}, got {ref!r}")
-            shape = ref.get("shape")
-            if section == "params" and not (isinstance(shape, list) and all(
-                    isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
-                raise bad(f"param {key!r}: 'shape' must be a list of sizes, got {shape!r}")
-            refs[ref["array"]] = None if shape is None else tuple(shape)
-
-
-def _build(spec: Mapping[str, Any], arrays: Mapping[str, Array], file: Path) -> Any:
-    kind = spec.get("type")
-    if kind in ("Sequential", "Residual"):
-        children = [_build(child, arrays, file) for child in spec.get("layers", [])]
-        if kind == "Sequential":
-            return Sequential(children, name=spec.get("name"))
-        return Residual(*children, name=spec.get("name"))
-    params = {k: arrays[v["array"]] for k, v in spec.get("params", {}).items()}
-    config = {k: arrays[v["array"]] if isinstance(v, Mapping) else v
-              for k, v in spec.get("config", {}).items()}
-    try:
-        return OPS[kind](**params, **config, name=spec.get("name"))
-    except (TypeError, ValueError) as exc:
-        raise FileFormatError(file, f"node {spec.get('node')!r} ({kind}) cannot be built: "
-                              f"{exc}") from None
 
 
 def _recover(path: Path) -> None:
@@ -288,8 +419,8 @@ def _recover(path: Path) -> None:
             os.rename(old, path)
 
 
-# ------------------------------------------------------------------- padding
-def mask_padding(net: Sequential, mask: object) -> Sequential:
+# ---------------------------------------------------------------------- padding
+def mask_padding(net: Network, mask: object) -> Network:
     """The network with a padding mask ``(batch, tokens)`` (``True`` = real token) on every
     layer that takes one: attention ignores padded keys, mean pooling averages real tokens
     only, and an embedding checks that the ids hold padding exactly there.
@@ -297,19 +428,21 @@ def mask_padding(net: Sequential, mask: object) -> Sequential:
     The parameters are shared with ``net`` (nothing is copied); the result runs on batches
     of exactly that ``(batch, tokens)`` shape. ``mask=None`` removes the masks.
     """
-    if not isinstance(net, Sequential):
-        raise TypeError(f"mask_padding expects an errprop Sequential, got "
+    if not isinstance(net, Network) or type(net) not in _STRUCTURES:
+        raise TypeError(f"mask_padding expects an errprop Sequential or Graph, got "
                         f"{type(net).__name__}")
     if not any(op.maskable for _, op in net.layers()):
         raise ValueError("mask_padding: the network has no layer that takes a padding mask "
                          "(Attention, MeanPool, Embedding)")
 
     def rebuild(node: Any) -> Any:
+        codec = _STRUCTURES.get(type(node))
+        if codec is not None:
+            return codec.map(node, rebuild)
         if isinstance(node, Op):
             return node.with_mask(mask) if node.maskable else node
-        children = [rebuild(child) for child in node.children]
-        if isinstance(node, Sequential):
-            return Sequential(children, name=node.name)
-        return Residual(*children, name=node.name)
+        if isinstance(node, Merge):
+            return node
+        raise TypeError(f"mask_padding cannot rebuild {type(node).__name__} blocks")
 
     return rebuild(net)
