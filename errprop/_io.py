@@ -45,6 +45,7 @@ from ._norm import L2Normalize, LayerNorm, RMSNorm
 from ._npz import SpecReader, check_links, read_npz
 from ._op import Array, Op, check_local_name
 from ._pool import MeanPool
+from ._rotary import Rotary
 from ._shape_ops import Reshape, Scale, Slice, Transpose
 
 FORMAT = "errprop-model"
@@ -90,7 +91,7 @@ def register_op(cls: type, *, type_name: str | None = None, version: int = 2,
 for _cls in (Linear, Activation, Softmax, Attention, LayerNorm, RMSNorm, L2Normalize,
              Embedding, MeanPool):
     register_op(_cls, version=1)
-for _cls in (Add, Mul, Concat, MatMul, Reshape, Transpose, Slice, Scale):
+for _cls in (Add, Mul, Concat, MatMul, Reshape, Transpose, Slice, Scale, Rotary):
     register_op(_cls)
 # a Residual's join, as it appears in a Graph that holds a Residual (from a block)
 register_op(_Join, type_name="ResidualJoin")

@@ -93,3 +93,13 @@ def test_rotary_bad_input():
         ep.Rotary(8, layout="halves")
     with pytest.raises(ValueError, match="at least 3 axes|token"):
         ep.Sequential([ep.Rotary(8)])(np.ones((2, 8)))
+
+
+def test_rotary_saves_and_loads(tmp_path):
+    net = ep.Sequential([ep.Rotary(8, base=500.0, layout="interleaved", rotary_dim=6,
+                                   scaling=2.0, offset=3, name="rope")])
+    ep.save(net, tmp_path / "m")
+    back = ep.load(tmp_path / "m")
+    x = RNG.normal(size=(2, 5, 8))
+    np.testing.assert_array_equal(back(x), net(x))
+    assert back["rope"].config() == net["rope"].config()
