@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from ._analysis import analyze
 from ._attention import Attention
 from ._config import QuantConfig
 from ._graph import Sequential, check_input
+from ._network import float_values
 from ._op import Array, Op
 from ._quant import Uniform
 from ._report import Report
@@ -48,6 +49,11 @@ class Allocation:
     uniform_bits, uniform_cost : the cheapest single bit width meeting the same target
         and its cost (None / NaN when none does).
     contributions : layer -> bits -> predicted output MSE (the model behind the plan).
+    fixed_cost : the part of ``cost`` that does not depend on the weight bits: with
+        ``"bitops"``, the products of two activations (``Mul``, ``MatMul`` nodes),
+        ``MACs·a_bits²`` each; 0 otherwise.
+    macs : with ``"bitops"``, node -> multiply-adds per input of the weighted layers and
+        of the product nodes (the counts behind the cost); empty otherwise.
     """
 
     config: QuantConfig
@@ -59,6 +65,8 @@ class Allocation:
     uniform_bits: int | None
     uniform_cost: float
     contributions: dict[str, dict[int, float]]
+    fixed_cost: float = 0.0
+    macs: dict[str, float] = field(default_factory=dict)
 
     def table(self) -> str:
         rows = [(layer, str(b), f"{self.contributions[layer][b]:.3g}")
@@ -72,6 +80,8 @@ class Allocation:
         if not math.isnan(self.target_mse):
             summary += f" (target {self.target_mse:.3g})"
         summary += f"; cost {self.cost:.4g} {self.cost_unit}"
+        if self.fixed_cost:
+            summary += f" ({self.fixed_cost:.4g} of it for products of activations)"
         if self.uniform_bits is not None:
             summary += f"; uniform {self.uniform_bits} bits costs {self.uniform_cost:.4g}"
         lines.append(summary)
@@ -81,16 +91,35 @@ class Allocation:
         return self.table()
 
 
-def _macs(op: Op, y: Array) -> float:
-    """Multiply-accumulates per batch element of a Linear or Attention layer."""
-    per = y.size / y.shape[0]
+def _layer_macs(op: Op, shape: tuple[int, ...]) -> int:
+    """Multiply-adds of one forward of a weighted layer on an input of ``shape``."""
+    macs = getattr(op, "macs", None)
+    if macs is not None:
+        return int(macs(shape))
+    # fallback while Op has no macs(shape) method: the two weighted ops errprop has
+    tokens = int(np.prod(shape[:-1]))
     if isinstance(op, Attention):
-        tokens = y.shape[-2]
         inner = op.params["Wq"].shape[0]
-        proj = sum(op.params[k].size for k in ("Wq", "Wk", "Wv", "Wo")) * tokens
-        return float(proj + 2 * tokens * tokens * inner)
-    W = op.params["W"]
-    return float(per / W.shape[0] * W.size)
+        proj = sum(op.params[k].size for k in ("Wq", "Wk", "Wv", "Wo"))
+        return tokens * proj + 2 * tokens * shape[-2] * inner
+    return tokens * int(op.params["W"].size)
+
+
+def macs_per_input(net: Sequential, x: Array, layers: Iterable[str]) -> dict[str, float]:
+    """Multiply-adds per batch element of the weighted ``layers`` and of every merge that
+    multiplies (``Mul``, ``MatMul``: ``Merge.macs`` > 0), on the batch ``x``."""
+    wanted = set(layers)
+    forward = float_values(net, x)
+    out: dict[str, float] = {}
+    for node in net.dag():
+        xs, _ = forward[node.name]
+        if node.name in wanted:
+            out[node.name] = _layer_macs(node.op, xs.shape) / xs.shape[0]
+        elif len(node.inputs) > 1:  # a merge: the shapes of its inputs
+            macs = node.op.macs([v.shape for v in xs])
+            if macs:
+                out[node.name] = macs / xs[0].shape[0]
+    return out
 
 
 def _prepare(net: Sequential, x: object, weights: Uniform, activations: Uniform | None,
@@ -121,16 +150,21 @@ def _prepare(net: Sequential, x: object, weights: Uniform, activations: Uniform 
     return x, cands, table, fixed, reports
 
 
-def _costs(net: Sequential, report: Report, layers: list[str], cands: list[int], cost: str,
-           activations: Uniform | None) -> tuple[dict[str, dict[int, float]], str]:
-    ops = dict(net.layers())
+def _costs(net: Sequential, x: Array, report: Report, layers: list[str], cands: list[int],
+           cost: str, activations: Uniform | None
+           ) -> tuple[dict[str, dict[int, float]], str, float, dict[str, float]]:
+    """Per layer and bit width its cost, the unit, the fixed cost of the products without
+    weights (merges: ``MACs·a_bits²``) and the MACs per input behind ``"bitops"``."""
     if cost == "params":
         size = {l: sum(s.error.size for s in report.sources.values()
                        if s.source.layer == l and s.kind == "weight") for l in layers}
-        return {l: {b: float(size[l] * b) for b in cands} for l in layers}, "bits"
+        return {l: {b: float(size[l] * b) for b in cands} for l in layers}, "bits", 0.0, {}
     a_bits = activations.bits if activations is not None else 32
-    macs = {l: _macs(ops[l], report.nodes[l].value) for l in layers}
-    return {l: {b: macs[l] * b * a_bits for b in cands} for l in layers}, "bitops"
+    macs = macs_per_input(net, x, layers)
+    weighted = set(layers)
+    fixed = sum(m * a_bits * a_bits for k, m in macs.items() if k not in weighted)
+    return ({l: {b: macs[l] * b * a_bits for b in cands} for l in layers}, "bitops",
+            float(fixed), macs)
 
 
 def _target(report: Report, target_mse: float | None, target_sqnr_db: float | None) -> float:
@@ -195,7 +229,9 @@ def plan_bits(net: Sequential, x: object, *, target_mse: float | None = None,
         cost).
     candidates : bit widths to choose from (2..16).
     cost : ``"params"`` (Σ bits·weights: model size) or ``"bitops"`` (Σ MACs·w_bits·a_bits
-        per input; a_bits = the activation quantizer's bits, 32 if unquantized).
+        per input over the weighted layers, plus MACs·a_bits² of every product of two
+        activations — ``Mul``/``MatMul`` nodes, a fixed part; a_bits = the activation
+        quantizer's bits, 32 if unquantized).
     weights : the weight quantizer recipe whose bits vary (default
         ``Uniform(8, granularity="channel")``).
     activations : a fixed activation quantizer (its error is part of the target).
@@ -221,17 +257,20 @@ def plan_bits(net: Sequential, x: object, *, target_mse: float | None = None,
     weights = Uniform(8, granularity="channel") if weights is None else weights
     x, cands, table, fixed, reports = _prepare(net, x, weights, activations, candidates, seed)
     layers = list(table)
-    costs, unit = _costs(net, reports[cands[-1]], layers, cands, cost, activations)
+    costs, unit, fixed_cost, macs = _costs(net, x, reports[cands[-1]], layers, cands, cost,
+                                           activations)
     n, k = len(layers), len(cands)
     c = np.array([costs[l][b] for l in layers for b in cands])
     m = np.array([table[l][b] for l in layers for b in cands])
     if max_cost is not None:
-        cheapest = sum(costs[l][cands[0]] for l in layers)
+        cheapest = sum(costs[l][cands[0]] for l in layers) + fixed_cost
         if not (isinstance(max_cost, (int, float)) and max_cost >= cheapest):
             raise ValueError(f"max_cost {max_cost!r} is below the cheapest assignment "
-                             f"({cands[0]} bits everywhere: {cheapest:.4g} {unit})")
+                             f"({cands[0]} bits everywhere: {cheapest:.4g} {unit}"
+                             + (f", of which {fixed_cost:.4g} for products of activations"
+                                if fixed_cost else "") + ")")
         target = math.nan
-        choice = _solve(c, m, n, k, cap=float(max_cost), minimize="mse")
+        choice = _solve(c, m, n, k, cap=float(max_cost) - fixed_cost, minimize="mse")
         budget = math.inf
     else:
         target = _target(reports[cands[-1]], target_mse, target_sqnr_db) * margin
@@ -261,9 +300,10 @@ def plan_bits(net: Sequential, x: object, *, target_mse: float | None = None,
     return Allocation(
         config=_config(bits, weights, activations), bits=bits,
         predicted_mse=fixed + sum(table[l][b] for l, b in bits.items()), target_mse=target,
-        cost=sum(costs[l][b] for l, b in bits.items()), cost_unit=unit, uniform_bits=ub,
-        uniform_cost=sum(costs[l][ub] for l in layers) if ub is not None else math.nan,
-        contributions=table)
+        cost=sum(costs[l][b] for l, b in bits.items()) + fixed_cost, cost_unit=unit,
+        uniform_bits=ub, uniform_cost=sum(costs[l][ub] for l in layers) + fixed_cost
+        if ub is not None else math.nan, contributions=table, fixed_cost=fixed_cost,
+        macs=macs)
 
 
 def bits_for_share(net: Sequential, x: object, max_share: float, *,
@@ -311,7 +351,8 @@ def bits_for_share(net: Sequential, x: object, max_share: float, *,
                                  f"output MSE even at {cands[-1]} bits (max_share {max_share})")
             level[worst] += 1
         bits = {l: cands[level[l]] for l in layers}
-    costs, unit = _costs(net, reports[cands[-1]], layers, cands, "params", activations)
+    costs, unit, _, _ = _costs(net, x, reports[cands[-1]], layers, cands, "params",
+                               activations)
     return Allocation(
         config=_config(bits, weights, activations), bits=bits,
         predicted_mse=fixed + sum(table[l][b] for l, b in bits.items()), target_mse=target,

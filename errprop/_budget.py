@@ -28,6 +28,7 @@ import numpy as np
 from ._export import csv_text, json_text
 from ._files import write_text
 from ._graph import Sequential, walk
+from ._merge import Merge
 from ._op import Array, Op
 from ._report import Report, SourceResult, sqnr_db
 
@@ -197,8 +198,8 @@ class _SubsetForward:
             x = s.grid.quantize(x, rng=self.rng)
         return op.forward(x, self.params.get(name))
 
-    def residual(self, name: str, skip: Array, branch: Array) -> Array:
-        return skip + branch
+    def merge(self, name: str, op: Merge, xs: list[Array]) -> Array:
+        return op.forward(xs)  # merges have no sources
 
 
 def exact_subset(net: Sequential, x: Array, report: Report, names: Sequence[str], *,

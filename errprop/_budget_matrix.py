@@ -40,7 +40,8 @@ from ._budget import _injected_mse
 from ._export import csv_text, json_text
 from ._files import write_text
 from ._graph import Sequential, walk
-from ._network import forward_pairs
+from ._merge import Merge
+from ._network import float_values, forward_pairs
 from ._rows import add_keyed
 from ._op import Array, Op
 from ._passes import bound_pass
@@ -92,21 +93,9 @@ def _latex(heads: Sequence[str], cells: Sequence[Sequence[str]], left: int,
 
 
 def float_forward(net: Sequential, x: Array) -> dict[str, tuple[Array, Array]]:
-    """Leaf name -> its float ``(input, output)``, as :func:`errprop.analyze` records them."""
-    forward: dict[str, tuple[Array, Array]] = {}
-
-    class _Record:
-        def leaf(self, name: str, op: Op, v: Array) -> Array:
-            y = op.forward(v)
-            forward[name] = (v, y)
-            return y
-
-        def residual(self, name: str, skip: Array, branch: Array) -> Array:
-            return skip + branch
-
-    with np.errstate(over="ignore", invalid="ignore"):
-        walk(net, x, _Record())
-    return forward
+    """Node name -> its float ``(input, output)`` (a merge: ``((inputs...), output)``), as
+    :func:`errprop.analyze` records them."""
+    return float_values(net, x)
 
 
 # ------------------------------------------------------------------ the budget matrix
@@ -324,8 +313,18 @@ class _GroupProbes:
         self.record(name, groups, dy)
         return groups, dy
 
-    def residual(self, name: str, skip: tuple, branch: tuple) -> tuple:
-        groups, t = add_keyed(*skip, *branch)
+    def merge(self, name: str, op: Merge, states: list[tuple]) -> tuple:
+        xs, y = self.forward[name]
+        groups: list[int] = []
+        t: Array | None = None
+        for i, (g_in, t_in) in enumerate(states):
+            if t_in is None:
+                continue
+            # the rule is linear in each input: push one input's rows at a time, sum by group
+            dxs: list[Array | None] = [None] * len(states)
+            dxs[i] = t_in.reshape(-1, *xs[i].shape)
+            rows = op.jvp(xs, y, dxs, {}).reshape(len(g_in), 1 + self.P, *y.shape)
+            groups, t = add_keyed(groups, t, g_in, rows)
         self.record(name, groups, t)
         return groups, t
 

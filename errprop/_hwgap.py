@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._graph import Sequential
+from ._network import INPUT
 from ._op import Array
 from ._quant import ErrorModel, Quantizer, Uniform, UniformGrid
 
@@ -249,12 +250,12 @@ class IntegerKernel:
     Requirements, checked when the sources are built: the Linear's input grid is a
     per-tensor ``Uniform`` (a per-feature input scale cannot be factored out of the dot
     product), its weight grid a per-tensor or per-channel ``Uniform``. ``L.acc`` enters
-    at the input of the op that consumes ``L``'s output, which must be a layer (not a
-    residual join or the network output: append ``Activation("identity")`` to model the
-    last layer's accumulator). ``L.in.rescale`` exists when ``L``'s input is the output
-    of a quantized Linear, possibly through ReLU/identity activations (which commute
-    with requantization); otherwise the input is quantized from float and only its
-    rounding mode differs.
+    at the input of the op that consumes ``L``'s output, which must be the one layer
+    reading it (not a merge such as a residual join or ``Mul``, not several readers, not
+    the network output: append ``Activation("identity")`` after ``L``). ``L.in.rescale``
+    exists when ``L``'s input is the output of a quantized Linear, possibly through
+    ReLU/identity activations (which commute with requantization); otherwise (the network
+    input, a merge) the input is quantized from float and only its rounding mode differs.
     """
 
     def __init__(self, accumulator_bits: int | None = 32, overflow: str = "wrap",
@@ -280,21 +281,28 @@ class IntegerKernel:
 
     # ------------------------------------------------------------ sources
     def sources(self, net: Sequential, out: list) -> list:
-        """``out`` (the config's sources, execution order) with the gap sources inserted."""
+        """``out`` (the config's sources, execution order) with the gap sources inserted.
+
+        The graph is read along its edges: ``L.in.rescale`` needs ``L``'s input to be a
+        quantized Linear's output (through ops that commute with requantization, never
+        through a merge), and ``L.acc`` enters at the input of the one layer that reads
+        ``L``'s output; a merge, several readers or the network output there are refused
+        with an error naming the node."""
         from ._config import Source
-        from ._linear import Linear
-        from ._activation import Activation
 
         by_name = {s.name: s for s in out}
         layers = net.layers()
         ops = dict(layers)
-        nodes = net.nodes()
-        position = {n.name: i for i, n in enumerate(nodes)}
+        dag = {node.name: node for node in net.dag()}
+        readers: dict[str, list[str]] = {}
+        for node in dag.values():
+            for k in dict.fromkeys(node.inputs):
+                readers.setdefault(k, []).append(node.name)
         before: dict[str, list] = {}
 
         def integer(name: str) -> bool:
             op = ops[name]
-            if not isinstance(op, Linear) or f"{name}.in" not in by_name \
+            if not _integer_matmul(op) or f"{name}.in" not in by_name \
                     or f"{name}.W" not in by_name:
                 return False
             a, w = by_name[f"{name}.in"].quantizer, by_name[f"{name}.W"].quantizer
@@ -308,39 +316,75 @@ class IntegerKernel:
                                  f"per-tensor or per-channel Uniform, got {w!r}")
             return True
 
-        leaves = [name for name, _ in layers]
-        for i, name in enumerate(leaves):
+        def producer(name: str) -> str | None:
+            """The quantized Linear whose requantized accumulator is ``name``'s input."""
+            k = dag[name].inputs[0]
+            while k != INPUT and len(dag[k].inputs) == 1:
+                if integer(k):
+                    return k
+                if not _commutes_with_requantization(dag[k].op):
+                    return None
+                k = dag[k].inputs[0]
+            return None  # the network input or a merge: quantized from float
+
+        for name, _ in layers:
             if not integer(name):
                 continue
             act = by_name[f"{name}.in"].quantizer
-            j = i - 1
-            while j >= 0 and isinstance(ops[leaves[j]], Activation) \
-                    and ops[leaves[j]].kind in ("relu", "identity"):
-                j -= 1
-            chain = nodes[position[leaves[j]]:position[name]] if j >= 0 else []
-            if j >= 0 and integer(leaves[j]) and all(n.kind != "Residual" for n in chain):
+            prev = producer(name)
+            if prev is not None:
                 before.setdefault(name, []).append(Source(
                     f"{name}.in.rescale", name, "activation", None,
-                    _Gap("rescale", self, leaves[j], act, None, act.bits)))
+                    _Gap("rescale", self, prev, act, None, act.bits)))
             if self.rounding != "half_even":
                 before.setdefault(name, []).append(Source(
                     f"{name}.in.rounding", name, "activation", None,
                     _Gap("rounding", self, None, act, None, act.bits)))
             if self.accumulator_bits is not None:
-                k = position[name] + 1
-                if k >= len(nodes) or nodes[k].kind == "Residual":
-                    where = "the network's output" if k >= len(nodes) else \
-                        f"the residual join {nodes[k].name!r}"
-                    raise ValueError(
-                        f"IntegerKernel: the accumulator of {name!r} feeds {where}, not a "
-                        f"layer, so its overflow cannot enter as a source; append "
-                        f"Activation('identity') after it, or use "
-                        f"IntegerKernel(accumulator_bits=None)")
+                user = self._accumulator_reader(name, readers.get(name, []), dag)
                 b = ops[name].params.get("b")
-                before.setdefault(nodes[k].name, []).insert(0, Source(
-                    f"{name}.acc", nodes[k].name, "activation", None,
+                before.setdefault(user, []).insert(0, Source(
+                    f"{name}.acc", user, "activation", None,
                     _Gap("acc", self, name, None, b, self.accumulator_bits)))
         result = [s for s in out if s.layer is None]
-        for name in leaves:
+        for name, _ in layers:
             result += before.get(name, []) + [s for s in out if s.layer == name]
         return result
+
+    @staticmethod
+    def _accumulator_reader(name: str, users: list[str], dag: Mapping) -> str:
+        """The one layer that reads ``name``'s output (where ``name.acc`` enters)."""
+        fix = ("append Activation('identity') after it (the accumulator error then enters "
+               "there, before the value is shared), or use IntegerKernel(accumulator_bits=None)")
+        if len(users) > 1:
+            raise ValueError(f"IntegerKernel: the accumulator of {name!r} is read by "
+                             f"{len(users)} nodes ({', '.join(map(repr, users))}); its error "
+                             f"can enter as a source at one layer only; {fix}")
+        if not users or len(dag[users[0]].inputs) > 1:
+            where = "the network's output" if not users else \
+                f"the {dag[users[0]].op.kind} node {users[0]!r}"
+            raise ValueError(f"IntegerKernel: the accumulator of {name!r} feeds {where}, "
+                             f"not a layer, so its overflow cannot enter as a source; {fix}")
+        return users[0]
+
+
+def _integer_matmul(op: object) -> bool:
+    """The op is one matrix product plus bias ``x Wᵀ + b`` (params ``W``, ``b``) that an
+    integer kernel accumulates (a Linear)."""
+    flag = getattr(op, "integer_matmul", None)
+    if flag is not None:
+        return bool(flag)
+    from ._linear import Linear  # fallback while Op has no integer_matmul attribute
+
+    return isinstance(op, Linear)
+
+
+def _commutes_with_requantization(op: object) -> bool:
+    """``op(Q(u)) = Q(op(u))`` for a symmetric integer grid ``Q`` (ReLU, identity), so a
+    requantization before it is the one after it."""
+    flag = getattr(op, "commutes_with_requantization", None)
+    if flag is not None:
+        return bool(flag)
+    from ._activation import Activation  # fallback while Op has no such attribute
+
+    return isinstance(op, Activation) and op.kind in ("relu", "identity")

@@ -24,6 +24,7 @@ from ._budget import _injected_mse
 from ._budget_matrix import BudgetMatrix, _latex, _markdown, _num, _text, _write
 from ._export import csv_text, json_text
 from ._graph import Sequential, walk
+from ._merge import Merge
 from ._op import Array, Op
 from ._report import Report, SourceResult
 
@@ -139,7 +140,8 @@ def _ratio(num: float, num_size: int, den: float, den_size: int) -> float:
 
 
 class _Split:
-    """Interpreter over the report's nodes: state ``(x, x̂, Δ first order, previous node)``."""
+    """Interpreter over the report's nodes: state ``(x, x̂, Δ first order, producer)``, the
+    value on an edge of the graph and the name of the node that produced it."""
 
     def __init__(self, report: Report, model: BudgetMatrix | None) -> None:
         self.report, self.model = report, model
@@ -199,7 +201,8 @@ class _Split:
             gain_model=model[3]))
         return y, y + node.exact, node.first_order, name
 
-    def residual(self, name: str, skip: tuple, branch: tuple) -> tuple:
+    def merge(self, name: str, op: Merge, states: list[tuple]) -> tuple:
+        # a merge has no sources of its own: no row; its error is the report's
         node = self.report.nodes[name]
         return node.value, node.value + node.exact, node.first_order, name
 
