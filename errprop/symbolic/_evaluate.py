@@ -1,4 +1,9 @@
-"""Numeric evaluation of an error recursion: the graph's arrays and a report's errors."""
+"""Numeric evaluation of an error recursion: the graph's arrays and a report's errors.
+
+Arrays are in the engine's row layout (``(batch, ..., features)``); a matrix symbol in
+the column convention acts as ``v @ Mᵀ`` on the last two axes (``M`` may carry leading
+axes: the ``X_b`` of a matrix product, one matrix per batch element and head).
+"""
 
 from __future__ import annotations
 
@@ -10,17 +15,21 @@ import sympy as sp
 from sympy import Basic, MatrixSymbol
 from sympy.matrices.expressions import MatrixExpr
 
-from .._graph import Sequential, walk
+from .._merge import Merge
+from .._network import Network, walk
 from .._op import Array, Op
 from .._report import Report
 from ._forwards import SYMBOLIC_ACTIVATIONS
-from ._matexpr import Apply, Curvature, Half
+from ._matexpr import Apply, Curvature, Half, Rows, Stack
 
 
 class Values:
+    """The float forward of every node: its output (``nodes``) and its input (``inputs``;
+    the list of inputs for a merge)."""
+
     def __init__(self) -> None:
         self.nodes: dict[str, Array] = {}
-        self.inputs: dict[str, Array] = {}
+        self.inputs: dict[str, Array | list[Array]] = {}
 
     def leaf(self, name, op, s):
         x, _ = s
@@ -29,13 +38,20 @@ class Values:
         self.nodes[name] = y
         return y, name
 
-    def residual(self, name, skip, branch):
-        y = skip[0] + branch[0]
+    def merge(self, name, op, states):
+        xs = [x for x, _ in states]
+        y = op.forward(xs)
+        self.inputs[name] = xs
         self.nodes[name] = y
         return y, name
 
 
-def forward_values(net: Sequential, x: Array) -> Values:
+def _cols(a: Array) -> Array:
+    """Row layout ``(..., columns, features)`` -> the column convention's matrix."""
+    return np.swapaxes(a, -1, -2)
+
+
+def forward_values(net: Network, x: Array) -> Values:
     values = Values()
     values.nodes["input"] = x
     walk(net, (x, "input"), values)
@@ -62,9 +78,15 @@ _DERIVATIVES = _Derivatives()
 
 class Evaluator:
     def __init__(self, bindings: Mapping[Basic, tuple], values: Values, report: Report,
-                 ops: Mapping[str, Op]) -> None:
+                 ops: Mapping[str, Op | Merge]) -> None:
         self.bindings, self.values, self.report, self.ops = bindings, values, report, ops
         self.delta: dict[Basic, Array | None] = {}
+        self.node_delta: dict[tuple[int, str], Array] = {}
+        self.scalars = {s: sp.Float(b[1]) for s, b in bindings.items() if b[0] == "scalar"}
+
+    def set_delta(self, lhs: Basic, order: int, node: str, value: Array) -> None:
+        self.delta[lhs] = value
+        self.node_delta[order, node] = value
 
     def total(self, terms: list[MatrixExpr], like: Array) -> Array:
         acc = np.zeros_like(like)
@@ -93,15 +115,19 @@ class Evaluator:
                 if acc is None:
                     return None
                 binding = self.bindings.get(m)
-                if binding is not None and binding[0] == "jac":  # an opaque Jacobian J_l v
-                    op, x, y = self._op_at(binding[1])
-                    acc = op.jvp(x, y, acc, {})
+                if binding is not None and binding[0] in ("jac", "mjac"):  # opaque J_l v
+                    acc = self.linear_map(binding, acc)
                     continue
                 M = self.eval(m)
                 if M is None:
                     return None
-                acc = acc @ M.T  # column convention W v  ==  row layout v Wᵀ
-            return None if acc is None else float(coeff) * acc
+                acc = acc @ np.swapaxes(M, -1, -2)  # column convention M v == row layout v Mᵀ
+            if acc is None:
+                return None
+            return float(coeff.xreplace(self.scalars) if self.scalars else coeff) * acc
+        if isinstance(e, sp.Transpose):
+            v = self.eval(e.arg)
+            return None if v is None else np.swapaxes(v, -1, -2)
         if isinstance(e, sp.HadamardProduct):
             acc = 1.0
             for a in e.args:
@@ -116,6 +142,11 @@ class Evaluator:
         if isinstance(e, Half):
             v = self.eval(e.args[0])
             return None if v is None else 0.5 * v
+        if isinstance(e, Stack):
+            return self.stack(e)
+        if isinstance(e, Rows):
+            v = self.eval(e.args[0])
+            return None if v is None else v[..., int(e.args[1]):int(e.args[2])]
         if isinstance(e, Apply):
             return self.apply(e)
         if isinstance(e, Curvature):
@@ -134,12 +165,41 @@ class Evaluator:
             return self.ops[b[1]].params[b[2]]
         if b[0] in ("d1", "d2"):
             return _DERIVATIVES(b[2], 1 if b[0] == "d1" else 2)(self.values.inputs[b[1]])
-        if b[0] == "jac":
+        if b[0] == "matrix":
+            order, node = b[1], b[2]
+            v = self.values.nodes[node] if order == 0 else self.node_delta[order, node]
+            return _cols(v)
+        if b[0] in ("jac", "mjac"):
             raise TypeError(f"the opaque Jacobian {s} is only evaluated applied to a vector")
         raise KeyError(b)
 
     def _op_at(self, layer: str) -> tuple[Op, Array, Array]:
         return self.ops[layer], self.values.inputs[layer], self.values.nodes[layer]
+
+    def linear_map(self, binding: tuple, v: Array) -> Array:
+        """An opaque Jacobian applied to ``v``: ``("jac", layer, None)`` a one-input op's,
+        ``("mjac", node, i)`` a merge's for its input ``i``."""
+        op, x, y = self._op_at(binding[1])
+        if binding[0] == "jac":
+            return op.jvp(x, y, v, {})
+        dxs: list[Array | None] = [None] * len(x)
+        dxs[binding[2]] = v
+        return op.jvp(x, y, dxs, {})
+
+    def stack(self, e: Stack) -> Array | None:
+        parts = [self.eval(a) for a in e.args]
+        if all(p is None for p in parts):
+            return None
+        like = next(p for p in parts if p is not None)
+        filled = [np.zeros((*like.shape[:-1], self._rows(a))) if p is None else p
+                  for a, p in zip(e.args, parts)]
+        return np.concatenate(filled, axis=-1)
+
+    def _rows(self, a: Basic) -> int:
+        rows = a.shape[0]
+        if not rows.is_Integer:
+            raise TypeError(f"cannot size a zero block of unknown size {rows} in {a}")
+        return int(rows)
 
     def apply(self, e: Apply) -> Array | None:
         J, arg = e.args

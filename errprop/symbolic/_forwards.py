@@ -3,12 +3,17 @@
 Each function ``forward(tape, x, params)`` takes object arrays of sympy symbols shaped
 like the numeric input and parameters and returns the output, with the textbook formula
 and nothing of the numeric implementation (no max-subtraction, no ``eps`` clamp in
-``L2Normalize``): those change no derivative at the points checked.
+``L2Normalize``): those change no derivative at the points checked. A merge's forward
+takes the list of its inputs, ``forward(tape, xs, params)``.
+
+The forwards are registered per op type in :data:`FORWARDS` (``@register_forward(MyOp)``
+on a factory ``make(op, x) -> forward``); :func:`symbolic_forward` looks them up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import sympy as sp
@@ -17,9 +22,12 @@ from .._activation import Activation, Softmax
 from .._attention import Attention
 from .._embedding import Embedding
 from .._linear import Linear
+from .._merge import Add, Concat, MatMul, Merge, Mul
 from .._norm import L2Normalize, LayerNorm, RMSNorm
 from .._op import Op
 from .._pool import MeanPool
+from .._shape_ops import Reshape, Scale, Slice, Transpose
+from ._registry import Registry
 from ._tape import Array, SymbolicForward, Tape, elementwise
 
 _C = sp.sqrt(2 / sp.pi)
@@ -146,29 +154,123 @@ def embedding(ids: Array) -> SymbolicForward:
     return forward
 
 
-def symbolic_forward(op: Op, x: Array | None = None) -> SymbolicForward:
-    """The symbolic forward of a built-in op (``x``: the token ids for an Embedding)."""
-    if isinstance(op, Linear):
-        return linear
-    if isinstance(op, Activation):
-        return activation(op.kind)
-    if isinstance(op, Softmax):
-        if op.axis != -1:
-            raise ValueError("symbolic Softmax: only axis=-1 is stated symbolically")
-        return softmax
-    if isinstance(op, LayerNorm):
-        return layer_norm(op.eps)
-    if isinstance(op, RMSNorm):
-        return rms_norm(op.eps)
-    if isinstance(op, L2Normalize):
-        return l2_normalize
-    if isinstance(op, MeanPool):
-        return mean_pool(op.mask)
-    if isinstance(op, Attention):
-        return attention(op.heads, op.causal, op.mask)
-    if isinstance(op, Embedding):
-        if x is None:
-            raise ValueError("symbolic Embedding: pass the token ids")
-        return embedding(np.asarray(x).astype(int))
-    raise TypeError(f"no built-in symbolic forward for {type(op).__name__}; pass "
-                    f"SymbolicOp(op, x, forward) with a forward written in sympy")
+
+
+# ------------------------------------------------------------------ shape ops and merges
+def reshape(op: Reshape) -> SymbolicForward:
+    """The last ``axes`` axes laid out again as ``shape`` (row-major order kept)."""
+    return lambda tape, x, p: x.reshape(*x.shape[:x.ndim - op.axes], *op.shape)
+
+
+def transpose(op: Transpose) -> SymbolicForward:
+    """``y[..., i_perm] = x[..., i]`` over the last ``len(perm)`` axes."""
+    def forward(tape: Tape, x: Array, p: Mapping[str, Array]) -> Array:
+        head = tuple(range(x.ndim - len(op.perm)))
+        return np.transpose(x, head + tuple(x.ndim - len(op.perm) + i for i in op.perm))
+    return forward
+
+
+def slice_(op: Slice) -> SymbolicForward:
+    """``y = x[..., start:stop]`` along ``axis``."""
+    return lambda tape, x, p: np.take(x, np.arange(op.start, op.stop), axis=op.axis)
+
+
+def scale(op: Scale) -> SymbolicForward:
+    """``y = c x``."""
+    c = sp.Float(op.factor)
+    return lambda tape, x, p: elementwise(lambda e: c * e, x)
+
+
+def add(tape: Tape, xs: Sequence[Array], p: Mapping[str, Array]) -> Array:
+    """``y = x₁ + x₂ + ...``."""
+    out = xs[0]
+    for x in xs[1:]:
+        out = out + x
+    return out
+
+
+def mul(tape: Tape, xs: Sequence[Array], p: Mapping[str, Array]) -> Array:
+    """``y = a ⊙ b``."""
+    return xs[0] * xs[1]
+
+
+def concat(op: Concat) -> SymbolicForward:
+    """The inputs side by side along ``axis``."""
+    return lambda tape, xs, p: np.concatenate(list(xs), axis=op.axis)
+
+
+def matmul(op: MatMul) -> SymbolicForward:
+    """``y_ij = Σ_k a_ik b_kj`` (``b_jk`` with ``transpose_b``) over the last two axes."""
+    def forward(tape: Tape, xs: Sequence[Array], p: Mapping[str, Array]) -> Array:
+        a, b = xs
+        return np.matmul(a, np.swapaxes(b, -1, -2) if op.transpose_b else b)
+    return forward
+
+
+# ------------------------------------------------------------------ the registry
+@dataclass(frozen=True)
+class ForwardRule:
+    """How to state an op's forward in sympy: ``make(op, x)`` returns the forward (``x``:
+    the numeric input, needed when it is token ids); ``away_from_zero``: draw test inputs
+    away from a kink at 0 (ReLU)."""
+
+    make: Callable[[Op | Merge, Array | None], SymbolicForward]
+    away_from_zero: bool = False
+
+
+#: op class -> :class:`ForwardRule`; extend with :func:`register_forward`.
+FORWARDS: Registry[ForwardRule] = Registry(
+    "symbolic forward",
+    "errprop.symbolic.register_forward({kind})(make), make(op, x) returning a forward "
+    "written in sympy (or pass SymbolicOp(op, x, forward))")
+
+
+def register_forward(*classes: type, away_from_zero: bool = False):
+    """Decorator registering ``make(op, x) -> forward(tape, x, params)`` as the symbolic
+    forward of ``classes`` (and their subclasses)."""
+    def add_rule(make):
+        FORWARDS.register(*classes)(ForwardRule(make, away_from_zero))
+        return make
+    return add_rule
+
+
+def _embedding(op: Embedding, x: Array | None) -> SymbolicForward:
+    if x is None:
+        raise ValueError(f"symbolic {type(op).__name__}: pass the token ids")
+    return embedding(np.asarray(x).astype(int))
+
+
+def _softmax(op: Softmax, x: Array | None) -> SymbolicForward:
+    if op.axis != -1:
+        raise ValueError("symbolic Softmax: only axis=-1 is stated symbolically")
+    return softmax
+
+
+register_forward(Linear)(lambda op, x: linear)
+register_forward(Activation, away_from_zero=True)(lambda op, x: activation(op.kind))
+register_forward(Softmax)(_softmax)
+register_forward(LayerNorm)(lambda op, x: layer_norm(op.eps))
+register_forward(RMSNorm)(lambda op, x: rms_norm(op.eps))
+register_forward(L2Normalize)(lambda op, x: l2_normalize)
+register_forward(MeanPool)(lambda op, x: mean_pool(op.mask))
+register_forward(Attention)(lambda op, x: attention(op.heads, op.causal, op.mask))
+register_forward(Embedding)(_embedding)
+register_forward(Reshape)(lambda op, x: reshape(op))
+register_forward(Transpose)(lambda op, x: transpose(op))
+register_forward(Slice)(lambda op, x: slice_(op))
+register_forward(Scale)(lambda op, x: scale(op))
+register_forward(Add)(lambda op, x: add)
+register_forward(Mul)(lambda op, x: mul)
+register_forward(Concat)(lambda op, x: concat(op))
+register_forward(MatMul)(lambda op, x: matmul(op))
+
+
+def symbolic_forward(op: Op | Merge, x: Array | None = None) -> SymbolicForward:
+    """The registered symbolic forward of ``op`` (``x``: the token ids for an Embedding).
+
+    Raises
+    ------
+    TypeError
+        For an op type without one, naming it and how to register one.
+    """
+    return FORWARDS.lookup(op).make(op, x)

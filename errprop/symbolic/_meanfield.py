@@ -24,12 +24,18 @@ architectures and their recursions (``Q(q) = E φ(√q z)²``, ``D(q) = E φ'(�
     attention  x_l = x_{l−1} + Attn(LN(x_{l−1})), logits scaled by τ (on W_q):
                q_l = q_{l−1} + g,  g = σ_w⁴ p₂,  p₂ = E Σ_j A_ij² ≈ e^{τ²σ_w⁴}/T
                v_l = v_{l−1} (1 + c/q_{l−1}) + β,  c = κ g (1 + 2τ²σ_w⁴),  β = ε² g (2 + 2τ²σ_w⁴)
+    swiglu     x_l = x_{l−1} + W_d (φ(W_g x_{l−1}) ⊙ W_u x_{l−1})  (SwiGLU: φ = silu),
+               a = σ_w² q_{l−1},  q_l = q_{l−1} + g,  g = σ_w² a Q(a)
+               v_l = v_{l−1} + σ_w⁴ (v_{l−1} + ε² q_{l−1}) (a D(a) + Q(a)) + ε² g
 
 with ``κ = 1 − 2/n`` (LayerNorm removes the mean and the radial direction of the error).
 The attention rule treats the logits of a row as i.i.d. Gaussian of variance ``τ²σ_w⁴``
 and the softmax denominator as self-averaging (``p₂ = e^{τ²σ_w⁴}/T``, capped at 1), the
 value, query and key errors as independent of the attention pattern and the tokens as
-uncorrelated. See docs/symbolic.md for where these fail.
+uncorrelated. The gated rule uses that ``W_g x`` and ``W_u x`` are independent (independent
+weights): ``E (φ(h_g) h_u)² = Q(a)·a`` and the product rule
+``Δm = φ'(h_g) Δh_g h_u + φ(h_g) Δh_u`` has no cross term in expectation. See
+docs/symbolic.md for where these fail.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from scipy import integrate, special
 from .._activation import ACTIVATIONS
 from ._forwards import SYMBOLIC_ACTIVATIONS
 
-ARCHITECTURES = ("mlp", "residual", "prenorm", "attention")
+ARCHITECTURES = ("mlp", "residual", "prenorm", "attention", "swiglu")
 
 # symbols of the closed forms
 L, n, q0, eps2, sw2, tau, T = sp.symbols(r"L n q_0 \varepsilon^2 \sigma_w^2 \tau T",
@@ -147,10 +153,22 @@ def mean_field(architecture: str, depth: int, width: int, *, activation: str = "
             g = sigma_w2 * Q
             v = v * (1 + kappa * sigma_w2 ** 2 * D / q) + e2 * (sigma_w2 ** 2 * D + g)
             q = q + g
-        else:
+        elif architecture == "attention":
             g = sigma_w2 ** 2 * attention_p2(logit_scale, tokens, sigma_w2)
             s2 = logit_scale ** 2 * sigma_w2 ** 2
             v = v * (1 + kappa * g * (1 + 2 * s2) / q) + e2 * g * (2 + 2 * s2)
+            q = q + g
+        else:
+            a = sigma_w2 * q
+            try:
+                Q, D = gaussian_moments(activation, a)
+            except OverflowError:
+                raise ValueError(f"mean_field swiglu: the signal q = {q:.3g} before block "
+                                 f"{layer + 1} is out of float range for the moments (the "
+                                 f"gated branch is quadratic in x, so q grows like a power "
+                                 f"tower); use a smaller sigma_w2 or depth") from None
+            g = sigma_w2 * a * Q
+            v = v + sigma_w2 ** 2 * (v + e2 * q) * (a * D + Q) + e2 * g
             q = q + g
         qs.append(q)
         vs.append(v)
@@ -219,6 +237,9 @@ def closed_form(architecture: str, activation: str = "relu") -> ClosedForm:
     if architecture in ("prenorm", "attention"):
         return ClosedForm(architecture, activation, _normalized_stream(),
                           "g, c, β as in the module docstring")
+    if architecture == "swiglu":
+        raise ValueError("no closed form for a gated (swiglu) stream: its branch is "
+                         "quadratic in x, so the gain changes with q_l; use mean_field")
     raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
 
 

@@ -5,14 +5,30 @@ vector; biases add to every column)::
 
     Linear      Δx_l = W_l (Δx_p + e_{l.in}) + ΔW_l x_p + Δb_l
     Activation  Δx_l = f'(x_p) ⊙ Δx_p
-    Residual    Δx_r = Δx_skip + Δx_branch
+    Add         Δx_l = Σᵢ Δx_i                 (a residual join: Δx_skip + Δx_branch)
+    Mul         Δx_l = Δx_a ⊙ x_b + x_a ⊙ Δx_b
+    MatMul      Δx_l = X_b Δx_a + ΔX_b x_a     (X_b: the columns of x_b side by side)
+    Concat      Δx_l = [Δx_1; Δx_2; ...]
+    Scale       Δx_l = c_l Δx_p;   Slice  Δx_l = (Δx_p)_{start:stop}
+    Reshape, Transpose (and Slice, Concat on an earlier axis)
+                Δx_l = J_l Δx_p                (J_l: the relabelling of entries itself)
     other ops   Δx_l = J_l[Δx_p + e_{l.in}] + Σ_θ J_l^θ[Δθ]   (opaque Jacobian symbols)
+
+Ops that move entries between columns (attention, reshapes, a matrix product) are
+linear maps on the whole tensor, not one matrix per column: ``J_l`` and ``X_b`` stand
+for them, and the evaluation applies them as the engine does.
+
+Each op type's rule is registered in :data:`~errprop.symbolic._recursion_rules.RECURSION`
+(:func:`errprop.symbolic.register_recursion`); the builder never looks at an op's type.
 
 With ``second_order=True`` a second equation per node carries the second-order part
 ``Δ²x`` (so the error is ``Δx + Δ²x`` up to third order)::
 
     Linear      Δ²x_l = W_l Δ²x_p + ΔW_l (Δx_p + e_{l.in})
     Activation  Δ²x_l = f'(x_p) ⊙ Δ²x_p + ½ f''(x_p) ⊙ Δx_p^{∘2}
+    Mul         Δ²x_l = Δ²x_a ⊙ x_b + x_a ⊙ Δ²x_b + Δx_a ⊙ Δx_b
+    MatMul      Δ²x_l = X_b Δ²x_a + Δ²X_b x_a + ΔX_b Δx_a
+    linear ops  the first-order rule applied to Δ²x
     other ops   Δ²x_l = J_l[Δ²x_p] + ½ D²f_l[(Δx_p + e_{l.in}, Δθ)]²
 
 :meth:`Recursion.evaluate` substitutes the graph's arrays and a report's source errors:
@@ -29,19 +45,16 @@ import sympy as sp
 from sympy import Basic, MatrixSymbol
 from sympy.matrices.expressions import MatrixExpr
 
-from .._activation import Activation
-from .._graph import Sequential, check_input, walk
-from .._linear import Linear
+from .._merge import Merge
+from .._network import INPUT, Network, check_input, walk
 from .._op import Array, Op
 from .._report import Report
 from ._evaluate import Evaluator, forward_values
-from ._matexpr import Apply, Curvature, Half
+from ._recursion_rules import RECURSION, tex, value_tex
 
 _GREEK = {"gamma": r"\gamma", "beta": r"\beta"}
-
-
-def _tex(name: str) -> str:
-    return r"\mathrm{" + name.replace("_", r"\_") + "}"
+#: a feature size no op asks for: ``out_features(_PROBE) == _PROBE`` keeps the size
+_PROBE = 2 ** 40 + 7
 
 
 @dataclass
@@ -70,7 +83,7 @@ class Recursion:
     second_order : whether the ``Δ²x`` equations are included.
     """
 
-    net: Sequential
+    net: Network
     equations: list[Equation]
     definitions: dict[str, str]
     output: str
@@ -125,11 +138,12 @@ class Recursion:
                              "recursion(net, second_order=True)")
         x = check_input(self.net, x)
         values = forward_values(self.net, x)
-        ev = Evaluator(self.bindings, values, report, dict(self.net.layers()))
+        ev = Evaluator(self.bindings, values, report, {n.name: n.op for n in self.net.dag()})
         out: dict[str, Array] = {}
         for eq in self.equations:
             if eq.order <= order:
-                ev.delta[eq.lhs] = ev.total(eq.terms, like=values.nodes[eq.node])
+                ev.set_delta(eq.lhs, eq.order, eq.node,
+                             ev.total(eq.terms, like=values.nodes[eq.node]))
         for eq in self.equations:
             if eq.order > order:
                 continue
@@ -142,45 +156,93 @@ class Recursion:
 
 # ---------------------------------------------------------------------- building
 class _Builder:
-    """Interpreter over the graph that writes one equation per node (and per order)."""
+    """Interpreter over the graph that writes one equation per node (and per order); the
+    terms come from the op type's registered rule, the symbols from the methods below."""
 
-    def __init__(self, net: Sequential, second_order: bool) -> None:
+    def __init__(self, net: Network, second_order: bool) -> None:
         self.net, self.second = net, second_order
         self.names: dict[Basic, str] = {}
         self.bindings: dict[Basic, tuple] = {}
         self.equations: list[Equation] = []
         self.definitions: dict[str, str] = {}
-        self.size: dict[str, int] = {}
+        self.size: dict[str, object] = {}  # node -> feature size (int or a sympy symbol)
 
-    def sym(self, key: str, tex: str, rows: int, cols: int, binding: tuple) -> MatrixSymbol:
+    # ---------------------------------------------------------------- symbols
+    def sym(self, key: str, tex: str, rows, cols, binding: tuple) -> MatrixSymbol:
         s = MatrixSymbol(key, rows, cols)
         self.names[s] = tex
         self.bindings[s] = binding
         return s
 
     def value(self, node: str) -> MatrixSymbol:
-        tex = "x_{0}" if node == "input" else f"x_{{{_tex(node)}}}"
-        return self.sym(f"x[{node}]", tex, self.size[node], 1, ("value", node))
+        """``x_node``."""
+        return self.sym(f"x[{node}]", value_tex(node), self.size[node], 1, ("value", node))
 
     def delta(self, node: str, order: int = 1) -> MatrixSymbol:
-        base = "x_{0}" if node == "input" else f"x_{{{_tex(node)}}}"
-        tex = (r"\Delta " if order == 1 else r"\Delta^{2} ") + base
-        return self.sym(f"d{order}[{node}]", tex, self.size[node], 1, ("delta", order, node))
+        """``Δx_node`` (``order=2``: ``Δ²x_node``)."""
+        tex_ = (r"\Delta " if order == 1 else r"\Delta^{2} ") + value_tex(node)
+        return self.sym(f"d{order}[{node}]", tex_, self.size[node], 1, ("delta", order, node))
 
-    def param_delta(self, layer: str, key: str, shape: tuple[int, ...]) -> MatrixSymbol:
+    def matrix(self, node: str, order: int, rows, cols) -> MatrixSymbol:
+        """``X_node`` (order 0), ``ΔX_node``, ``Δ²X_node``: the columns of ``x_node`` (of its
+        error) side by side, a ``rows × cols`` matrix per leading index."""
+        base = "X_{0}" if node == "input" else f"X_{{{tex(node)}}}"
+        tex_ = ("", r"\Delta ", r"\Delta^{2} ")[order] + base
+        return self.sym(f"X{order}[{node}]", tex_, rows, cols, ("matrix", order, node))
+
+    def param_delta(self, layer: str, key: str, shape: tuple) -> MatrixSymbol:
         rows, cols = (shape[0], 1) if len(shape) == 1 else shape
         if key.startswith("W") and len(key) == 2:
-            tex = rf"\Delta W^{{{key[1]}}}_{{{_tex(layer)}}}"
+            tex_ = rf"\Delta W^{{{key[1]}}}_{{{tex(layer)}}}"
         elif key.startswith("b") and len(key) == 2:
-            tex = rf"\Delta b^{{{key[1]}}}_{{{_tex(layer)}}}"
+            tex_ = rf"\Delta b^{{{key[1]}}}_{{{tex(layer)}}}"
         else:
-            tex = rf"\Delta {_GREEK.get(key, key)}_{{{_tex(layer)}}}"
-        return self.sym(f"dp[{layer}.{key}]", tex, rows, cols, ("source", f"{layer}.{key}"))
+            tex_ = rf"\Delta {_GREEK.get(key, key)}_{{{tex(layer)}}}"
+        return self.sym(f"dp[{layer}.{key}]", tex_, rows, cols, ("source", f"{layer}.{key}"))
 
-    def input_error(self, layer: str, n: int) -> MatrixSymbol:
-        return self.sym(f"e[{layer}.in]", rf"e_{{{_tex(layer + '.in')}}}", n, 1,
+    def input_error(self, layer: str, n) -> MatrixSymbol:
+        return self.sym(f"e[{layer}.in]", rf"e_{{{tex(layer + '.in')}}}", n, 1,
                         ("source", f"{layer}.in"))
 
+    def quantized_delta(self, name: str, op: Op, p: str) -> MatrixExpr:
+        """``Δx_p + e_{name.in}`` when the op quantizes its input, else ``Δx_p``."""
+        dx: MatrixExpr = self.delta(p)
+        return dx + self.input_error(name, self.size[p]) if op.quantize_input else dx
+
+    def scalar(self, name: str, value: float) -> sp.Symbol:
+        """A named constant ``c_name`` (defined in the LaTeX output)."""
+        c = sp.Symbol(f"c[{name}]")
+        self.names[c] = f"c_{{{tex(name)}}}"
+        self.bindings[c] = ("scalar", float(value))
+        self.define(f"c_{{{tex(name)}}}", f"{value:.6g}")
+        return c
+
+    def size_symbol(self, name: str) -> sp.Symbol:
+        """A feature size the graph does not fix (a number of tokens)."""
+        return sp.Symbol(f"n[{name}]", integer=True, positive=True)
+
+    def out_size(self, op: Op, name: str, p: str):
+        """The feature size of ``op``'s output at node ``name`` from its input's (a fresh
+        size symbol when the op does not fix it)."""
+        n_in = self.size[p]
+        if isinstance(n_in, int):
+            out = op.out_features(n_in)
+        else:
+            out = op.out_features(_PROBE)
+            out = n_in if out == _PROBE else out
+        return self.size_symbol(name) if out is None else out
+
+    def latex(self, e: Basic) -> str:
+        return sp.latex(e, symbol_names=self.names)
+
+    def define(self, lhs: str, rhs: str) -> None:
+        self.definitions.setdefault(lhs, rhs)
+
+    @staticmethod
+    def param_tex(key: str) -> str:
+        return _GREEK.get(key, key if len(key) <= 2 else rf"\mathrm{{{key}}}")
+
+    # ---------------------------------------------------------------- the walk
     def start(self, x_features: int) -> str:
         self.size["input"] = x_features
         e0 = self.sym("e[input]", "e_{0}", x_features, 1, ("source", "input"))
@@ -191,100 +253,30 @@ class _Builder:
         return "input"
 
     def leaf(self, name: str, op: Op, p: str) -> str:
-        n_in = self.size[p]
-        n_out = op.out_features(n_in) or n_in
-        self.size[name] = n_out
-        dx_in: MatrixExpr = self.delta(p)
-        if op.quantize_input:
-            dx_in = dx_in + self.input_error(name, n_in)
-        first, second = [], []
-        if isinstance(op, Linear):
-            W = self.sym(f"W[{name}]", f"W_{{{_tex(name)}}}", n_out, n_in, ("param", name, "W"))
-            dW = self.param_delta(name, "W", (n_out, n_in))
-            first = [W * dx_in, dW * self.value(p)]
-            if "b" in op.params:
-                first.append(self.param_delta(name, "b", (n_out,)))
-            second = [W * self.delta(p, 2), dW * dx_in]
-        elif isinstance(op, Activation):
-            kind = op.kind.replace("_", r"\_")
-            fname = rf"\operatorname{{{kind}}}"
-            arg = sp.latex(self.value(p), symbol_names=self.names)
-            d1 = self.sym(f"f1[{name}]", rf"{fname}'({arg})", n_in, 1, ("d1", name, op.kind))
-            first = [sp.HadamardProduct(d1, self.delta(p))]
-            if self.second:
-                d2 = self.sym(f"f2[{name}]", rf"{fname}''({arg})", n_in, 1,
-                              ("d2", name, op.kind))
-                second = [sp.HadamardProduct(d1, self.delta(p, 2)),
-                          Half(sp.HadamardProduct(d2, sp.HadamardPower(self.delta(p), 2)))]
-        else:
-            J = self.sym(f"J[{name}]", f"J_{{{_tex(name)}}}", n_out, n_in, ("jac", name, None))
-            first = [] if op.integer_input else [J * dx_in]
-            dps = []
-            for key, p_arr in op.params.items():
-                Jp = self.sym(f"J[{name}.{key}]", rf"J^{{{self._param_tex(key)}}}_{{{_tex(name)}}}",
-                              n_out, 1, ("jac", name, key))
-                dp = self.param_delta(name, key, p_arr.shape)
-                dps.append(dp)
-                first.append(Apply(Jp, dp))
-            self.definitions.setdefault(f"J_{{{_tex(name)}}}", _definition(op, name, p))
-            if self.second:
-                D = self.sym(f"D[{name}]", rf"D^{{2}} f_{{{_tex(name)}}}", n_out, 1,
-                             ("curv", name, tuple(op.params)))
-                second = [] if op.integer_input else [J * self.delta(p, 2)]
-                second.append(Curvature(D, *([] if op.integer_input else [dx_in]), *dps))
+        return self._node(name, op, [p])
+
+    def merge(self, name: str, op: Merge, inputs: list[str]) -> str:
+        return self._node(name, op, list(inputs))
+
+    def _node(self, name: str, op: Op | Merge, inputs: list[str]) -> str:
+        rule = RECURSION.lookup(op, name)
+        size, first, second = rule(self, name, op, inputs)
+        self.size[name] = size
         self.equations.append(Equation(name, 1, self.delta(name), first))
         if self.second:
             self.equations.append(Equation(name, 2, self.delta(name, 2), second))
         return name
 
-    @staticmethod
-    def _param_tex(key: str) -> str:
-        return _GREEK.get(key, key if len(key) <= 2 else rf"\mathrm{{{key}}}")
 
-    def residual(self, name: str, skip: str, branch: str) -> str:
-        self.size[name] = self.size[skip]
-        self.equations.append(Equation(name, 1, self.delta(name),
-                                       [self.delta(skip), self.delta(branch)]))
-        if self.second:
-            self.equations.append(Equation(name, 2, self.delta(name, 2),
-                                           [self.delta(skip, 2), self.delta(branch, 2)]))
-        return name
-
-
-def _definition(op: Op, name: str, p: str) -> str:
-    """LaTeX definition of an opaque op's Jacobian (what the symbol stands for)."""
-    x = "x_{0}" if p == "input" else f"x_{{{_tex(p)}}}"
-    kind = type(op).__name__
-    if kind == "LayerNorm":
-        return (rf"\tfrac{{1}}{{\sigma({x})}}\operatorname{{diag}}(\gamma_{{{_tex(name)}}})"
-                rf"\left(I - \tfrac{{1}}{{d}}\mathbf{{1}}\mathbf{{1}}^\top - \tfrac{{1}}{{d}}"
-                rf"\hat{{x}}\hat{{x}}^\top\right),\ \hat{{x}} = \tfrac{{{x} - \mu({x})}}"
-                rf"{{\sigma({x})}}")
-    if kind == "RMSNorm":
-        return (rf"\tfrac{{1}}{{r({x})}}\operatorname{{diag}}(\gamma_{{{_tex(name)}}})"
-                rf"\left(I - \tfrac{{1}}{{d}}\hat{{x}}\hat{{x}}^\top\right),\ \hat{{x}} = "
-                rf"{x}/r({x})")
-    if kind == "L2Normalize":
-        return rf"\tfrac{{1}}{{\lVert {x}\rVert}}\left(I - y y^\top\right),\ y = {x}/\lVert {x}\rVert"
-    if kind == "Softmax":
-        return r"\operatorname{diag}(y) - y y^\top,\ y = \operatorname{softmax}(" + x + ")"
-    if kind == "Attention":
-        return (r"\partial\,\mathrm{attn}/\partial X:\ \Delta S = (\Delta Q K^\top + Q \Delta "
-                r"K^\top)/\sqrt{d_h},\ \Delta A = A \odot (\Delta S - (A \odot \Delta S)"
-                r"\mathbf{1}\mathbf{1}^\top),\ \Delta O = \Delta A\, V + A\, \Delta V")
-    if kind == "MeanPool":
-        return r"\text{the mean over tokens}"
-    return rf"\partial f_{{{_tex(name)}}}/\partial x \text{{ ({kind}, evaluated by its rule)}}"
-
-
-def recursion(net: Sequential, second_order: bool = False) -> Recursion:
+def recursion(net: Network, second_order: bool = False) -> Recursion:
     """The error recursion of ``net`` as sympy expressions named after its layers.
 
     Parameters
     ----------
-    net : Sequential
+    net : an errprop network (``Sequential`` or ``Graph``; merges included).
     second_order : also write the second-order equations ``Δ²x`` (cross terms
-        ``ΔW·Δx``, curvature ``½ f'' Δx²``, opaque ``½ D²f`` of the other ops).
+        ``ΔW·Δx`` and ``Δa ⊙ Δb``, curvature ``½ f'' Δx²``, opaque ``½ D²f`` of the other
+        ops).
 
     Returns
     -------
@@ -293,18 +285,29 @@ def recursion(net: Sequential, second_order: bool = False) -> Recursion:
         sources), ``.evaluate(x, report)`` (numeric; equals the engine's first order and,
         with ``order=2``, its ``second_order``).
 
+    Raises
+    ------
+    TypeError
+        For a node whose op type has no registered rule (a merge of your own), naming
+        the node, the op type and :func:`errprop.symbolic.register_recursion`.
+
     Notes
     -----
     Every possible source has a symbol (``e_0`` the network input, ``e_{l.in}`` the
     quantized input of a Linear/Attention layer, ``ΔW_l``, ``Δb_l``, ``Δγ_l``, ...);
-    sources a report does not quantize evaluate to zero.
+    sources a report does not quantize evaluate to zero. The ``ΔX_b`` of a matrix
+    product stays a symbol in :meth:`Recursion.expression` (a matrix of columns of
+    ``Δx_b``).
     """
-    if not isinstance(net, Sequential):
-        raise TypeError(f"recursion: expected an errprop Sequential, got {type(net).__name__}")
+    if not isinstance(net, Network):
+        raise TypeError(f"recursion: expected an errprop Sequential or Graph, got "
+                        f"{type(net).__name__}")
     builder = _Builder(net, second_order)
-    first_op = net.layers()[0][1]
-    features = net.in_features or first_op.out_features(None) or 1
-    if first_op.integer_input:
+    readers = [n.op for n in net.dag() if INPUT in n.inputs]
+    first_op = readers[0]
+    features = net.in_features or (first_op.out_features(None) if isinstance(first_op, Op)
+                                   else None) or 1
+    if any(isinstance(op, Op) and op.integer_input for op in readers):
         features = 1
     state = builder.start(features)
     out = walk(net, state, builder)

@@ -8,8 +8,9 @@ for the input and every parameter compares
 * the transposed rule ``op.vjp`` (where the op has one) by the dot-product test
   ``<g, J d> = <Jᵀ g, d>`` with ``J d`` from sympy,
 
-at ``points`` random points (the op's own parameters, then freshly drawn ones). A
-mismatch raises ``AssertionError`` naming the op and the tangent.
+at ``points`` random points (the op's own parameters, then freshly drawn ones; for a
+merge, which has no parameters, freshly drawn inputs). A mismatch raises
+``AssertionError`` naming the op and the tangent.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from .._activation import ACTIVATIONS, Activation, Softmax
 from .._attention import Attention
 from .._embedding import Embedding
 from .._linear import Linear
+from .._merge import Add, Concat, MatMul, Merge, Mul
 from .._norm import L2Normalize, LayerNorm, RMSNorm
 from .._op import Op, Outer
 from .._pool import MeanPool
-from ._forwards import symbolic_forward
+from .._shape_ops import Reshape, Scale, Slice, Transpose
+from ._forwards import FORWARDS, symbolic_forward
 from ._tape import Array, SymbolicForward, SymbolicProgram
 
 
@@ -38,12 +41,13 @@ class SymbolicOp:
 
     ``forward(tape, x, params)`` receives object arrays of sympy symbols shaped like ``x``
     and each parameter and returns the output (see :mod:`errprop.symbolic._forwards` for
-    the built-ins). ``forward=None`` looks the built-in one up. ``label`` names the case
-    in the report.
+    the built-ins). ``forward=None`` looks the registered one up. ``label`` names the
+    case in the report. For a merge, ``x`` is the list of its inputs and the forward
+    receives the list of their symbol arrays.
     """
 
-    op: Op
-    x: Array
+    op: Op | Merge
+    x: Array | list[Array]
     forward: SymbolicForward | None = None
     label: str | None = None
 
@@ -115,7 +119,10 @@ def builtin_cases(seed: int = 0) -> list[SymbolicOp]:
     Linear (3 -> 4, with and without bias), every entry of ``errprop.ACTIVATIONS``,
     Softmax over 5, LayerNorm / RMSNorm / L2Normalize over 5, MeanPool (with and without a
     padding mask), Embedding, and Attention with ``T = 3`` tokens, ``d = 4``, one and two
-    heads (head_dim 4 and 2), causal, and with a key padding mask.
+    heads (head_dim 4 and 2), causal, and with a key padding mask; the shape ops (Reshape
+    splitting and merging axes, Transpose keeping and moving the last axis, Slice on the
+    last and an earlier axis, Scale) and the merges (Add of three, Mul, Concat on two
+    axes, MatMul with and without ``transpose_b``).
     """
     rng = np.random.default_rng(seed)
     n = rng.standard_normal
@@ -144,6 +151,22 @@ def builtin_cases(seed: int = 0) -> list[SymbolicOp]:
         label = (f"Attention T={T}, d={d}, heads={heads}" + (", causal" if causal else "")
                  + (", padding mask" if mask is not None else ""))
         cases.append(SymbolicOp(op, n((2, T, d)), label=label))
+    cases += [
+        SymbolicOp(Reshape((2, 3)), n((2, 6)), label="Reshape 6 -> (2, 3)"),
+        SymbolicOp(Reshape((6,), axes=2), n((2, 2, 3)), label="Reshape (2, 3) -> 6"),
+        SymbolicOp(Transpose((1, 0, 2)), n((2, 3, 2, 4)), label="Transpose (1, 0, 2)"),
+        SymbolicOp(Transpose((1, 0)), n((2, 3, 4)), label="Transpose (1, 0)"),
+        SymbolicOp(Slice(1, 4), n((2, 5)), label="Slice 1:4"),
+        SymbolicOp(Slice(0, 2, axis=-2), n((2, 3, 4)), label="Slice 0:2 axis -2"),
+        SymbolicOp(Scale(-0.7), n((2, 4)), label="Scale -0.7"),
+        SymbolicOp(Add(), [n((2, 4)) for _ in range(3)], label="Add of 3"),
+        SymbolicOp(Mul(), [n((2, 4)), n((2, 4))], label="Mul"),
+        SymbolicOp(Concat(), [n((2, 3)), n((2, 2))], label="Concat axis -1"),
+        SymbolicOp(Concat(axis=-2), [n((2, 2, 3)), n((2, 1, 3))], label="Concat axis -2"),
+        SymbolicOp(MatMul(), [n((2, 3, 4)), n((2, 4, 2))], label="MatMul"),
+        SymbolicOp(MatMul(transpose_b=True), [n((2, 3, 4)), n((2, 2, 4))],
+                   label="MatMul transpose_b"),
+    ]
     return cases
 
 
@@ -188,6 +211,8 @@ def check_case(case: SymbolicOp, *, points: int = 2, seed: int = 0,
                rtol: float = 1e-9) -> list[RuleCheck]:
     """Check one op (input and every parameter) at ``points`` random points; raise on a
     mismatch, naming the op and the tangent."""
+    if isinstance(case.op, Merge):
+        return _check_merge(case, points=points, seed=seed, rtol=rtol)
     forward = case.symbolic()
     op0 = case.op
     x = np.asarray(case.x, dtype=np.float64)
@@ -233,6 +258,44 @@ def check_case(case: SymbolicOp, *, points: int = 2, seed: int = 0,
     return rows
 
 
+def _check_merge(case: SymbolicOp, *, points: int, seed: int, rtol: float) -> list[RuleCheck]:
+    """The merge form of :func:`check_case`: one tangent per input, fresh inputs per point."""
+    forward, op = case.symbolic(), case.op
+    xs0 = [np.asarray(x, dtype=np.float64) for x in case.x]
+    names = [f"x{i}" for i in range(len(xs0))]
+    program = SymbolicProgram(lambda tape, _, p: forward(tape, [p[k] for k in names], {}),
+                              None, {k: x.shape for k, x in zip(names, xs0)})
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, key in enumerate(names):
+        worst, worst_vjp, start = 0.0, 0.0, time.perf_counter()
+        for point in range(points):
+            xs = xs0 if point == 0 else [rng.standard_normal(x.shape) for x in xs0]
+            y = op.forward(xs)
+            d = rng.standard_normal(xs[i].shape)
+            y_sym, Jd = program.derivative(None, dict(zip(names, xs)), None, {key: d})
+            if _rel(y_sym, y, 1e-300) > 1e-9:
+                raise AssertionError(f"{case.name}: the symbolic forward disagrees with "
+                                     f"op.forward (relative error {_rel(y_sym, y, 1e-300):.2e})")
+            floor = 1e-5 * max(float(np.linalg.norm(y)), 1.0) * float(np.linalg.norm(d))
+            dxs: list[Array | None] = [None] * len(xs)
+            dxs[i] = d
+            err = _rel(op.jvp(xs, y, dxs), Jd, floor)
+            g = rng.standard_normal(y.shape)
+            back = op.vjp(xs, y, g[None])[i][0]
+            verr = abs(float(np.sum(g * Jd)) - float(np.sum(back * d))) / max(
+                float(np.linalg.norm(g)) * float(np.linalg.norm(Jd)), floor)
+            for what, e in (("first-order rule (jvp)", err), ("transposed rule (vjp)", verr)):
+                if not e <= rtol:
+                    raise AssertionError(f"{case.name}: the {what} for input {i} disagrees "
+                                         f"with the sympy derivative of the forward: relative "
+                                         f"error {e:.3e} (tolerance {rtol:g}) at point {point}")
+            worst, worst_vjp = max(worst, err), max(worst_vjp, verr)
+        rows.append(RuleCheck(case.name, f"input {i}", worst, worst_vjp, points,
+                              time.perf_counter() - start))
+    return rows
+
+
 def verify_rules(ops: Iterable[SymbolicOp | Op] | None = None, seed: int = 0, *,
                  points: int = 2, rtol: float = 1e-9, verbose: bool = False) -> RuleReport:
     """Check every numeric first-order rule against the sympy derivative of its forward.
@@ -273,13 +336,18 @@ def verify_rules(ops: Iterable[SymbolicOp | Op] | None = None, seed: int = 0, *,
 
 
 def _case_for(op: Op, rng: np.random.Generator) -> SymbolicOp:
+    if isinstance(op, Merge):
+        raise TypeError(f"verify_rules: pass a {type(op).__name__} merge as "
+                        f"SymbolicOp(op, [x1, x2, ...]) with inputs it can merge")
     if not isinstance(op, Op):
         raise TypeError(f"verify_rules: expected SymbolicOp or an errprop op, got "
                         f"{type(op).__name__}")
-    if isinstance(op, Embedding):
-        raise TypeError("verify_rules: pass an Embedding as SymbolicOp(op, ids)")
+    if op.integer_input:
+        raise TypeError(f"verify_rules: pass a {type(op).__name__} as SymbolicOp(op, ids)")
     d = op.in_features or 4
     shape = (2, 3, d) if op.min_ndim >= 3 else (2, d)
-    x = _away_from_zero(rng, shape) if isinstance(op, Activation) else rng.standard_normal(shape)
+    rule = FORWARDS.find(op)
+    kink = rule is not None and rule.away_from_zero
+    x = _away_from_zero(rng, shape) if kink else rng.standard_normal(shape)
     return SymbolicOp(op, x)
 
