@@ -1,7 +1,8 @@
 """Import an ONNX model (an exported MLP or transformer encoder) as an errprop graph.
 
 The importer works in two stages (``_onnx_trace``: interpret the graph on index arrays
-so layout plumbing disappears; ``_onnx_build``: recognise layers and residuals), collects
+so layout plumbing disappears; ``_onnx_build``: recognise layers, residuals and merges;
+a chain becomes a ``Sequential``, a DAG a functional ``Graph``), collects
 *every* node or pattern it cannot express before failing, and finally checks that the
 imported graph reproduces the model (onnxruntime, or ONNX's reference evaluator) on a
 random input. See ``docs/real-models-onnx.md``.
@@ -18,7 +19,9 @@ import numpy as np
 from ._checks import check_bool, check_int
 from ._files import MEMORY_LIMIT, FileFormatError, check_bytes
 from ._optional import optional
+from ._functional import Graph
 from ._graph import Sequential
+from ._network import Network
 from ._onnx_build import Builder
 from ._onnx_graph import UNKNOWN, SNode, Unsupported, View
 from ._onnx_trace import Tracer
@@ -50,8 +53,8 @@ def _input_shape(value_info, given: tuple[int, ...] | None) -> tuple[int, ...]:
 
 
 def from_onnx(model: str | os.PathLike | Any, *, input_shape: tuple[int, ...] | None = None,
-              verify: bool = True, memory_limit: int = MEMORY_LIMIT) -> Sequential:
-    """Import an ONNX model as an errprop :class:`Sequential`.
+              verify: bool = True, memory_limit: int = MEMORY_LIMIT) -> Sequential | Graph:
+    """Import an ONNX model as an errprop :class:`Sequential` (or :class:`Graph`).
 
     Parameters
     ----------
@@ -70,7 +73,11 @@ def from_onnx(model: str | os.PathLike | Any, *, input_shape: tuple[int, ...] | 
     Returns
     -------
     Sequential, float64 parameters, layers named as errprop's builders name them
-    (``fc1, relu1, attn1, res1, ln1, ...``).
+    (``fc1, relu1, attn1, res1, ln1, ...``). A network that is not a chain of layers and
+    residuals (a gated MLP ``down(silu(gate(x)) * up(x))``, parallel branches added) is a
+    functional :class:`Graph` with ``Mul``/``Add`` merges, its nodes named the same way
+    in the order a walk from the output back to the input finishes them
+    (``fc1, silu1, fc2, mul1, fc3``).
 
     Raises
     ------
@@ -89,9 +96,10 @@ def from_onnx(model: str | os.PathLike | Any, *, input_shape: tuple[int, ...] | 
     ``ReduceMean/Sub/Pow/Sqrt/Div`` forms; multi-head self-attention (packed or separate
     Q/K/V projections, any reshape/transpose into heads, scaled ``q kᵀ``, optional causal
     mask, softmax, ``A v``, merge, output projection); ``Add`` of a branch to its input
-    (→ ``Residual``); all layout and shape plumbing (``Reshape, Transpose, Squeeze,
-    Unsqueeze, Gather, Slice, Split, Shape, Concat`` of shapes, ``Identity, Dropout,
-    Constant, Cast``).
+    (→ ``Residual``); ``f(a) * g(b)`` and ``f(a) + g(b)`` of two tensors, ``f, g`` errprop
+    activations or the identity (→ ``Mul`` / ``Add`` merges of a ``Graph``); all layout
+    and shape plumbing (``Reshape, Transpose, Squeeze, Unsqueeze, Gather, Slice, Split,
+    Shape, Concat`` of shapes, ``Identity, Dropout, Constant, Cast``).
     """
     onnx = _require_onnx()
     verify = check_bool(verify, "from_onnx", "verify")
@@ -148,9 +156,12 @@ def from_onnx(model: str | os.PathLike | Any, *, input_shape: tuple[int, ...] | 
         raise ValueError(f"{label} cannot be imported: {len(issues)} unsupported node(s) or "
                          f"pattern(s):\n{lines}\n(see docs/real-models-onnx.md for what is "
                          f"supported)")
-    if not layers:
+    if isinstance(layers, Graph):
+        net: Network = layers
+    elif not layers:
         raise ValueError(f"{label}: the output equals the input; there is no layer to import")
-    net = Sequential(layers)
+    else:
+        net = Sequential(layers)
     if verify:
         _verify(proto, net, inputs[0], shape, label)
     return net
@@ -209,7 +220,7 @@ def _check_sizes(onnx: Any, proto: Any, value_info: Any, shape: tuple[int, ...],
                         f"{tuple(d.dim_value for d in dims)} (inferred for input {shape})")
 
 
-def _verify(proto, net: Sequential, value_info, shape, label) -> None:
+def _verify(proto, net: Network, value_info, shape, label) -> None:
     """Raise if ``net`` and the ONNX model disagree on a random input."""
     dtype = np.float64 if value_info.type.tensor_type.elem_type == 11 else np.float32
     x = np.random.default_rng(0).standard_normal(shape).astype(dtype)

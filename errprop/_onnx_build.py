@@ -1,20 +1,25 @@
-"""ONNX import, stage 2: from semantic nodes to errprop's ``Sequential``/``Residual`` graph.
+"""ONNX import, stage 2: from semantic nodes to errprop's ``Sequential``/``Residual`` graph,
+or a functional ``Graph`` when the network is a DAG.
 
 1. **Elementwise regions.** Connected elementwise nodes (``Add``, ``Mul``, ``Div``, ``Erf``,
-   ``Pow``, ``Sqrt``, ``ReduceMean``, ...) with one network input and one output are
-   identified *by what they compute*, not by how they are spelled: the region is evaluated
+   ``Pow``, ``Sqrt``, ``ReduceMean``, ...) with one output are identified *by what they
+   compute*, not by how they are spelled: a region with one network input is evaluated
    in float64 on probe inputs and recognised as an affine map (a bias add or scale, folded
    into the preceding ``Linear``/``LayerNorm``), one of errprop's activations (so an
    Erf-based GELU, a tanh-GELU or ``x·sigmoid(x)`` all work), or a LayerNorm / RMSNorm
    (whose ``gamma``, ``beta`` and ``eps`` are fitted, then verified). A leading chain of
-   bias/scale ops (``MatMul → Add(bias) → Relu``) is folded first.
+   bias/scale ops (``MatMul → Add(bias) → Relu``) is folded first. A region that is none
+   of these (or has two network inputs) and ends in a ``Mul``/``Add`` of two tensors is
+   split there: each operand is recognised the same way (``silu(a) · b`` of a SwiGLU MLP,
+   ``gelu(a) · b``, ``relu(h) + tanh(h)``) and joined by a ``Mul`` merge or an ``Add``.
 2. **Attention.** An attention core whose queries, keys and values are slices of linear
    layers on one input, followed by one linear layer (the output projection), becomes an
    :class:`~errprop.Attention`; a score scale other than ``1/sqrt(head_dim)`` is folded
    into ``Wq``/``bq``.
 3. **Structure.** From the output back to the input, a ``join`` (``Add`` of two tensors)
-   becomes a ``Residual`` when one operand lies on the path of the other; everything else
-   must be a chain.
+   becomes a ``Residual`` when one operand lies on the path of the other. A network that
+   is a chain of layers and residuals is a ``Sequential`` (exactly as before DAGs were
+   imported); any other (parallel branches, a ``Mul`` merge) is a functional ``Graph``.
 """
 
 from __future__ import annotations
@@ -22,61 +27,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import special
 
 from ._activation import ACTIVATIONS, Activation
 from ._attention import Attention
+from ._functional import Graph
 from ._graph import Residual
 from ._linear import Linear
+from ._merge import Mul
 from ._norm import LayerNorm, RMSNorm
-from ._onnx_graph import SNode, Unsupported
-
-_EW = {
-    "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
-    "Pow": np.power, "Sqrt": np.sqrt, "Erf": special.erf, "Tanh": np.tanh,
-    "Sigmoid": special.expit, "Relu": lambda x: np.maximum(x, 0.0), "Exp": np.exp,
-    "Neg": np.negative, "Reciprocal": lambda x: 1.0 / x, "Abs": np.abs, "Log": np.log,
-    "Softplus": lambda x: np.logaddexp(0.0, x), "Softsign": lambda x: x / (1 + np.abs(x)),
-    "Max": np.maximum, "Min": np.minimum,
-}
-
-
-def _ew_value(node: SNode, env: dict) -> np.ndarray:
-    if node.kind == "reduce":
-        x = env[node.srcs[0].id] * node.data["scale"]
-        return np.broadcast_to(np.mean(x, axis=-1, keepdims=True), x.shape)
-    d = node.data
-    args = [None if a is None else env[node.srcs[a[1]].id] * a[2] if a[0] == "s" else a[1]
-            for a in d["args"]]
-    op, at = d["op"], d["attrs"]
-    if op == "Gelu":
-        kind = "gelu_tanh" if at.get("approximate", "none") == "tanh" else "gelu"
-        return ACTIVATIONS[kind].f(args[0])
-    if op == "LeakyRelu":
-        return np.where(args[0] >= 0, args[0], at.get("alpha", 0.01) * args[0])
-    if op == "HardSigmoid":
-        return np.clip(at.get("alpha", 0.2) * args[0] + at.get("beta", 0.5), 0, 1)
-    if op == "Elu":
-        return np.where(args[0] > 0, args[0], at.get("alpha", 1.0) * np.expm1(args[0]))
-    if op == "Selu":
-        a, g = at.get("alpha", 1.67326319), at.get("gamma", 1.05070102)
-        return g * np.where(args[0] > 0, args[0], a * np.expm1(args[0]))
-    if op == "Clip":
-        lo = args[1] if len(args) > 1 and args[1] is not None else at.get("min", -np.inf)
-        hi = args[2] if len(args) > 2 and args[2] is not None else at.get("max", np.inf)
-        return np.clip(args[0], lo, hi)
-    out = args[0]
-    for a in args[1:]:  # Max/Min are variadic; the rest are unary or binary
-        out = _EW[op](out, a)
-    return _EW[op](out) if len(args) == 1 else out
-
-
-def _evaluate(nodes: list[SNode], start: SNode, out: SNode, X: np.ndarray) -> np.ndarray:
-    env = {start.id: X}
-    with np.errstate(all="ignore"):
-        for n in nodes:
-            env[n.id] = _ew_value(n, env)
-    return env[out.id]
+from ._onnx_graph import SNode, Unsupported, emit_graph
+from ._onnx_trace import evaluate as _evaluate
 
 
 def _close(a: np.ndarray, b: np.ndarray, rtol: float) -> bool:
@@ -194,34 +154,63 @@ class Builder:
     def _region(self, R: list[SNode], cons) -> None:
         ids = {n.id for n in R}
         names = ", ".join(repr(name) for n in R for name in n.onnx)
-        ops = ", ".join(n.data.get("op", "ReduceMean") for n in R)
-        label = f"nodes {names} ({ops})"
+        label = f"nodes {names} ({_ops(R)})"
         inputs = {p.id: p for n in R for p in n.srcs if p.id not in ids}
         outs = [n for n in R if n is self.out or n in self.sinks
                 or any(c.id not in ids for c in cons[n.id])]
-        if len(inputs) != 1 or len(outs) != 1:
-            srcs = ", ".join(repr(p.onnx[-1]) for p in inputs.values())
-            self.issues.append(f"{label}: an elementwise computation combining {len(inputs)} "
-                               f"network tensors (from {srcs}) into {len(outs)} outputs is not "
-                               f"an errprop layer")
+        srcs = ", ".join(repr(p.onnx[-1]) for p in inputs.values())
+        combining = f"{label}: an elementwise computation combining {len(inputs)} network " \
+                    f"tensors (from {srcs}) into {len(outs)} outputs is not an errprop layer"
+        if len(outs) != 1:
+            self.issues.append(combining)
             return
-        (x,), out = inputs.values(), outs[0]
-        plan = _plan(R, x, out, cons)
-        if plan is None:
+        out, why = outs[0], []
+        tree = _tree(R, ids, out, cons, {}, why)
+        if tree is None:
+            if len(inputs) != 1:
+                self.issues.append(f"{combining}; errprop reads such a region as f(a)·g(b) or "
+                                   f"f(a) + g(b) with f, g errprop activations or the "
+                                   f"identity{''.join(why[:1])}")
+                return
             what = "normalization" if any(n.kind == "reduce" for n in R) else "function"
             self.issues.append(f"{label}: this elementwise {what} is none of errprop's "
                                f"activations ({', '.join(sorted(ACTIVATIONS))}), LayerNorm or "
                                f"RMSNorm, nor a bias/scale after a MatMul")
             return
-        cur = x
-        for step in plan:
-            if step[0] == "fold":
-                sole = cur is not x or all(n.id in ids for n in cons[x.id])
-                if not self._fold(cur, step[1], step[2], sole, label):
-                    return
+        cur = self._build(tree, cons, label, {})
+        if cur is not None:
+            self.resolve[out.id] = cur
+
+    def _build(self, tree: tuple, cons, label: str, memo: dict) -> SNode | None:
+        """The semantic nodes of a region plan (see :func:`_tree`); None if a fold failed
+        (the issue is recorded)."""
+        if tree[0] == "input":
+            return tree[1]
+        if id(tree) in memo:
+            return memo[id(tree)]
+        if tree[0] == "chain":
+            _, x, plan, sub = tree
+            ids = {n.id for n in sub}
+            cur = x
+            for step in plan:
+                if step[0] == "fold":
+                    sole = cur is not x or all(n.id in ids for n in cons[x.id])
+                    if not self._fold(cur, step[1], step[2], sole, label):
+                        return None
+                else:
+                    cur = SNode("op", x.shape, [cur], [n for m in sub for n in m.onnx],
+                                {"op": step[1]})
+        else:
+            _, out, parts = tree
+            srcs = [self._build(p, cons, label, memo) for p in parts]
+            if any(s is None for s in srcs):
+                return None
+            if out.data["op"] == "Add":  # a join: a residual or parallel branches (stage 3)
+                cur = SNode("join", out.shape, srcs, list(out.onnx))
             else:
-                cur = SNode("op", x.shape, [cur], [n for m in R for n in m.onnx], {"op": step[1]})
-        self.resolve[out.id] = cur
+                cur = SNode("merge", out.shape, srcs, list(out.onnx), {"op": Mul()})
+        memo[id(tree)] = cur
+        return cur
 
     def _fold(self, x: SNode, a, c, sole: bool, label: str) -> bool:
         """Fold ``y = a ⊙ x + c`` (per feature) into the layer that produced ``x``."""
@@ -293,8 +282,13 @@ class Builder:
                      {"op": layer})
 
     # ---------------------------------------------------------------- stage 3
-    def structure(self) -> list:
-        return self._chain(self.get(self.out), self.inp)
+    def structure(self) -> list | Graph:
+        """The layers of a ``Sequential`` when the network is a chain of layers and
+        residuals (as before DAGs were imported), else a functional ``Graph``."""
+        try:
+            return self._chain(self.get(self.out), self.inp)
+        except Unsupported:
+            return emit_graph(self.get(self.out), self.inp, self.parents, self._is_ancestor)
 
     def _is_ancestor(self, a: SNode, b: SNode) -> bool:
         stack, seen = [b], set()
@@ -384,6 +378,41 @@ def _plan(R: list[SNode], x: SNode, out: SNode, cons) -> list | None:
         if second is not None:
             return first + second
     return None
+
+
+def _ops(R: list[SNode]) -> str:
+    return ", ".join(n.data.get("op", "ReduceMean") for n in R)
+
+
+def _tree(R: list[SNode], ids: set[int], out: SNode, cons, memo: dict, why: list):
+    """How the part of region ``R`` that computes ``out`` maps onto errprop nodes:
+    ``("chain", x, plan, sub)`` (one network input ``x``, a :func:`_plan` over the nodes
+    ``sub``), ``("merge", out, [operand, operand])`` for ``out = f(a) ⊙ g(b)`` or
+    ``f(a) + g(b)`` whose operands are trees too, ``("input", x)`` for an operand that is a
+    network tensor itself; None (and the first failing operand in ``why``) otherwise."""
+    if out.id not in ids:
+        return ("input", out)
+    if out.id in memo:
+        return memo[out.id]
+    A = _ancestors_within(out, ids)
+    sub = [n for n in R if n.id in A]
+    inputs = {p.id: p for n in sub for p in n.srcs if p.id not in A}
+    tree = None
+    if len(inputs) == 1:
+        plan = _plan(sub, next(iter(inputs.values())), out, cons)
+        if plan is not None:
+            tree = ("chain", next(iter(inputs.values())), plan, sub)
+    if tree is None and out.kind == "ew" and out.data["op"] in ("Mul", "Add"):
+        args = out.data["args"]
+        if len(args) == 2 and all(a is not None and a[0] == "s" and a[2] == 1.0 for a in args):
+            parts = [_tree(R, ids, out.srcs[a[1]], cons, memo, why) for a in args]
+            if all(p is not None for p in parts):
+                tree = ("merge", out, parts)
+    if tree is None and len(inputs) == 1 and not why:
+        names = ", ".join(repr(name) for n in sub for name in n.onnx)
+        why.append(f" (the operand computed by nodes {names} ({_ops(sub)}) is none of them)")
+    memo[out.id] = tree
+    return tree
 
 
 def _ancestors_within(m: SNode, ids: set[int]) -> set[int]:

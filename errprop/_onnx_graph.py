@@ -148,3 +148,49 @@ def check_pair(q: Heads, other: Heads, what: str) -> None:
     if q.lead != other.lead or q.H != other.H or not (np.array_equal(q.b, other.b)
                                                       and np.array_equal(q.h, other.h)):
         raise Unsupported(f"queries and {what} are split into heads differently")
+
+
+def emit_graph(out: SNode, inp: SNode, parents, is_ancestor):
+    """The semantic graph ending at ``out`` as a functional :class:`errprop.Graph`.
+
+    Nodes are created in the order a depth-first walk from the output finishes them
+    (operands in ONNX input order), so the graph names them as ``Sequential`` would
+    (``fc1, silu1, fc2, mul1, fc3``). An ``Add`` join whose one operand lies on the path of
+    the other is a residual join (``res1``: skip, branch); one of parallel branches is an
+    ``Add`` merge (``add1``)."""
+    from ._functional import Graph, Input
+    from ._linear import Linear
+    from ._merge import Add
+    from ._network import _Join
+
+    x = Input()
+    handles = {inp.id: x}
+    stack = [(out, False)]
+    while stack:
+        n, ready = stack.pop()
+        if n.id in handles:
+            continue
+        ps = parents(n)
+        if not ready:
+            stack.append((n, True))
+            stack.extend((p, False) for p in reversed(ps) if p.id not in handles)
+            continue
+        hs = [handles[p.id] for p in ps]
+        if n.kind == "linear":
+            handles[n.id] = Linear(n.data["W"], n.data["b"])(hs[0])
+        elif n.kind == "op":
+            handles[n.id] = n.data["op"](hs[0])
+        elif n.kind == "merge":
+            handles[n.id] = n.data["op"](*hs)
+        elif n.kind == "join":
+            a, b = ps
+            if a is not b and is_ancestor(b, a):
+                handles[n.id] = _Join()(hs[1], hs[0])
+            elif a is not b and is_ancestor(a, b):
+                handles[n.id] = _Join()(hs[0], hs[1])
+            else:
+                handles[n.id] = Add()(*hs)
+        else:
+            names = ", ".join(repr(o) for o in n.onnx)
+            raise Unsupported(f"nodes {names} ({n.kind}) could not be mapped to a layer")
+    return Graph(x, handles[out.id])

@@ -21,8 +21,9 @@ Everything that depends only on constants is folded.
 from __future__ import annotations
 
 import numpy as np
+from scipy import special
 
-from ._activation import Softmax
+from ._activation import ACTIVATIONS, Softmax
 from ._norm import LayerNorm, RMSNorm
 from ._onnx_graph import (UNKNOWN, Heads, Scores, SNode, Unsupported, View, canonical_const,
                           check_pair, decode_heads, feature_rows, is_full)
@@ -33,6 +34,55 @@ EW_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Erf", "Tanh", "Sigmoid", "
           "Neg", "Reciprocal", "Abs", "Softplus", "Gelu", "Max", "Min", "LeakyRelu",
           "HardSigmoid", "Elu", "Selu", "Softsign", "Clip", "Log"}
 _FLOAT_TYPES = {1, 10, 11, 16}  # float, float16, double, bfloat16
+_EW = {
+    "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
+    "Pow": np.power, "Sqrt": np.sqrt, "Erf": special.erf, "Tanh": np.tanh,
+    "Sigmoid": special.expit, "Relu": lambda x: np.maximum(x, 0.0), "Exp": np.exp,
+    "Neg": np.negative, "Reciprocal": lambda x: 1.0 / x, "Abs": np.abs, "Log": np.log,
+    "Softplus": lambda x: np.logaddexp(0.0, x), "Softsign": lambda x: x / (1 + np.abs(x)),
+    "Max": np.maximum, "Min": np.minimum,
+}
+
+
+def ew_value(node: SNode, env: dict) -> np.ndarray:
+    """The float64 value of an ``ew``/``reduce`` node given its sources' values (``env``:
+    node id -> canonical array)."""
+    if node.kind == "reduce":
+        x = env[node.srcs[0].id] * node.data["scale"]
+        return np.broadcast_to(np.mean(x, axis=-1, keepdims=True), x.shape)
+    d = node.data
+    args = [None if a is None else env[node.srcs[a[1]].id] * a[2] if a[0] == "s" else a[1]
+            for a in d["args"]]
+    op, at = d["op"], d["attrs"]
+    if op == "Gelu":
+        kind = "gelu_tanh" if at.get("approximate", "none") == "tanh" else "gelu"
+        return ACTIVATIONS[kind].f(args[0])
+    if op == "LeakyRelu":
+        return np.where(args[0] >= 0, args[0], at.get("alpha", 0.01) * args[0])
+    if op == "HardSigmoid":
+        return np.clip(at.get("alpha", 0.2) * args[0] + at.get("beta", 0.5), 0, 1)
+    if op == "Elu":
+        return np.where(args[0] > 0, args[0], at.get("alpha", 1.0) * np.expm1(args[0]))
+    if op == "Selu":
+        a, g = at.get("alpha", 1.67326319), at.get("gamma", 1.05070102)
+        return g * np.where(args[0] > 0, args[0], a * np.expm1(args[0]))
+    if op == "Clip":
+        lo = args[1] if len(args) > 1 and args[1] is not None else at.get("min", -np.inf)
+        hi = args[2] if len(args) > 2 and args[2] is not None else at.get("max", np.inf)
+        return np.clip(args[0], lo, hi)
+    out = args[0]
+    for a in args[1:]:  # Max/Min are variadic; the rest are unary or binary
+        out = _EW[op](out, a)
+    return _EW[op](out) if len(args) == 1 else out
+
+
+def evaluate(nodes: list[SNode], start: SNode, out: SNode, X: np.ndarray) -> np.ndarray:
+    """The value of ``out`` when ``start`` is ``X`` (``nodes``: the region, in order)."""
+    env = {start.id: X}
+    with np.errstate(all="ignore"):
+        for n in nodes:
+            env[n.id] = ew_value(n, env)
+    return env[out.id]
 
 
 def run_node(node, feeds: list, opsets) -> list:
