@@ -1,6 +1,10 @@
 """Monte Carlo passes: the float reference, the plan (every source's sampler, and the
-Linear weights sampled at the layer output), one chunk of samples through the graph,
-and the statistics accumulated per node."""
+weights sampled at the layer output), one chunk of samples through the graph, and the
+statistics accumulated per node (:class:`errprop._mc_record._Moments`).
+
+Every value of a chunk carries a leading sample axis; a leaf op pairs it with its sampled
+parameters, a merge op (``Add``, ``Mul``, ``Concat``, ``MatMul``) acts on the trailing
+axes, so ``op.forward`` serves both the float reference and the samples."""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._config import Source, seen_by_quantizer
-from ._graph import Sequential, check_finite_node
-from ._linear import Linear
+from ._mc_record import _TILE, _Moments
+from ._merge import Merge
+from ._network import INPUT, Network, check_finite_node
 from ._op import Array, Op
 from ._quant import UniformGrid, same_grid
 from ._sampling import _sampler, _Sampler, _Streams, _threads
@@ -20,16 +25,12 @@ from ._sampling import _sampler, _Sampler, _Streams, _threads
 #: float32 runs need quantization steps at least this fraction of the largest value
 #: (about 840 float32 ulps), so float32 rounding stays far below the quantization error
 _FLOAT32_MIN_STEP = 1e-4
-#: two-sided 99% normal quantile
-_Z99 = 2.5758293035489004
-#: elements per tile of the node statistics: a chunk's float64 tile stays in cache
-_TILE = 1 << 14
 
 
 # ---------------------------------------------------------------- output noise
 @dataclass(frozen=True, eq=False)
 class _OutputNoise:
-    """``X ΔWᵀ`` of a Linear layer sampled at its output (``weight_noise="output"``).
+    """``X ΔWᵀ`` of a layer (a Linear) sampled at its output (``weight_noise="output"``).
 
     With independent weight errors of mean ``M_aj`` and, on row ``a``, variance
     ``σ_a²`` (zero on a clipped element), the error ``Z = X ΔWᵀ`` over the ``N``
@@ -93,15 +94,38 @@ def _output_noise(key: int, src: Source, X: Array, grid: UniformGrid, W: Array,
                         clipped_rows, V.astype(dtype), t.astype(dtype), out_shape)
 
 
+def may_sample_at_output(op: Op, src: Source) -> bool:
+    """Whether ``src`` is a 2-D weight of ``op``, whose output error may be ``X ΔWᵀ``
+    (decided on the float input by :func:`_error_is_x_dwt`)."""
+    return src.param is not None and op.param_kinds.get(src.param) == "weight" \
+        and np.ndim(op.params[src.param]) == 2
+
+
+def _error_is_x_dwt(op: Op, param: str, X: Array, y: Array) -> bool:
+    """Whether the op's first-order output error from ``ΔW`` (``W = op.params[param]``) is
+    ``X ΔWᵀ`` for its input ``X``, the law :class:`_OutputNoise` samples: asked from the
+    op's ``jvp`` rule at one seeded random probe (a linear map that is not ``X ΔWᵀ``
+    agrees with it at a random point with probability 0)."""
+    W = op.params[param]
+    if X.shape[-1] != W.shape[1]:
+        return False
+    probe = np.random.default_rng(0).standard_normal(W.shape)
+    expect = X @ probe.T
+    got = op.jvp(X, y, None, {param: probe})
+    tol = 1e-9 * (float(np.max(np.abs(expect))) if expect.size else 0.0)
+    return bool(got.shape == expect.shape and np.max(np.abs(got - expect), initial=0.0) <= tol)
+
+
 # ---------------------------------------------------------------- passes
 class _Reference:
     """Interpreter: the float64 forward, recording every node and the layer inputs; and
     each op's working memory: the tracemalloc peak of its forward in the run's dtype
     (ops may compute some intermediates in float64 whatever their input's dtype)."""
 
-    def __init__(self, keep_inputs: set[str], dtype: np.dtype) -> None:
+    def __init__(self, keep_inputs: set[str], dtype: np.dtype, x: Array) -> None:
         self.keep_inputs = keep_inputs
         self.dtype = dtype
+        self.input_size = x.size
         self.values: dict[str, Array] = {}
         self.inputs: dict[str, Array] = {}
         self.working: dict[str, int] = {}
@@ -113,110 +137,29 @@ class _Reference:
         self.values[name] = check_finite_node(name, "float output", y)
         if tracemalloc.is_tracing():  # measuring would disturb the caller's own trace
             self.working[name] = 4 * (x.nbytes + y.nbytes)
-            return y
-        xd = x.astype(self.dtype)
-        params = {k: v.astype(self.dtype) for k, v in op.params.items()}
-        tracemalloc.start()
-        try:
-            op.forward(xd, params)
-            self.working[name] = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-        return y
-
-    def residual(self, name: str, skip: Array, branch: Array) -> Array:
-        y = skip + branch
-        self.values[name] = check_finite_node(name, "float output", y)
-        return y
-
-
-class _Moments:
-    """Per-element mean and variance over samples, the per-sample MSE, and the kept
-    samples (for quantiles) of one node.
-
-    Sums are taken around a fixed center, the first sample's value ``y₀`` (the
-    shifted-data algorithm: no cancellation when the mean error dominates its
-    spread, and the same center whatever the chunking). A chunk is processed in
-    tiles of ``_TILE`` elements, on the sampling threads: a tile's float64
-    deviations ``d = y - y₀`` (exact for float32 ``y``) stay in cache while
-    ``Σ_s d``, ``Σ_s d²``, and per sample ``Σ_j d²`` and ``Σ_j d·δ₀`` are taken,
-    with ``δ₀ = y₀ - y_float`` the first sample's error, so that a sample's
-    ``Σ_j (d + δ₀)²`` is its squared error. Per-sample sums add the tiles in a
-    fixed order: every per-sample value is bitwise the same for any chunking.
-    The first ``keep`` samples' errors are kept in the run's dtype.
-    """
-
-    def __init__(self, ref: Array, samples: int, keep: int, dtype: np.dtype) -> None:
-        self.shape = ref.shape
-        self.ref = ref.reshape(-1)
-        self.n = 0
-        self.center: Array | None = None
-        self.shift: Array | None = None
-        self.shift_sq = 0.0
-        self.sum = np.zeros(self.ref.size)
-        self.sumsq = np.zeros(self.ref.size)
-        self.mse = np.empty(samples)
-        self.keep = keep
-        self.kept = np.empty((keep, self.ref.size), dtype) if keep else None
-
-    def add(self, y: Array, start: int) -> None:
-        """Accumulate the chunk ``y`` (``(count, *shape)``) of samples ``start, ...``."""
-        count = y.shape[0]
-        flat = y.reshape(count, -1)
-        if self.center is None:
-            self.center = flat[0].astype(np.float64)
-            self.shift = self.center - self.ref
-            self.shift_sq = float(np.einsum("j,j->", self.shift, self.shift))
-        size = self.ref.size
-        tiles = list(range(0, size, _TILE))
-        sq = np.empty((len(tiles), count))
-        cross = np.empty((len(tiles), count))
-        kept = max(0, min(count, self.keep - start))
-
-        def work(first: int, stop: int) -> None:
-            buf = np.empty((count, min(_TILE, size)))
-            for t in range(first, stop):
-                a = tiles[t]
-                b = min(size, a + _TILE)
-                d = buf[:, :b - a]
-                np.copyto(d, flat[:, a:b])
-                d -= self.center[a:b]
-                self.sum[a:b] += np.add.reduce(d, axis=0)
-                self.sumsq[a:b] += np.einsum("ij,ij->j", d, d)
-                np.einsum("ij,ij->i", d, d, out=sq[t])
-                np.einsum("ij,j->i", d, self.shift[a:b], out=cross[t])
-                if kept:
-                    np.subtract(flat[:kept, a:b], self.ref[a:b], dtype=np.float64,
-                                out=self.kept[start:start + kept, a:b])
-
-        pool = _threads() if count * size >= 4 * _TILE else None
-        if pool is None:
-            work(0, len(tiles))
         else:
-            half = len(tiles) // 2
-            for job in [pool.submit(work, 0, half), pool.submit(work, half, len(tiles))]:
-                job.result()
-        total = np.add.reduce(sq, axis=0) + 2.0 * np.add.reduce(cross, axis=0) + self.shift_sq
-        self.mse[start:start + count] = total / size
-        self.n += count
+            params = {k: v.astype(self.dtype) for k, v in op.params.items()}
+            self.working[name] = _peak(op.forward, x.astype(self.dtype), params)
+        return y
 
-    def finite(self, start: int, count: int) -> bool:
-        return bool(np.all(np.isfinite(self.mse[start:start + count])))
+    def merge(self, name: str, op: Merge, xs: list[Array]) -> Array:
+        y = op.forward(xs)
+        self.values[name] = check_finite_node(name, "float output", y)
+        if tracemalloc.is_tracing():
+            self.working[name] = 4 * (max(x.nbytes for x in xs) + y.nbytes)
+        else:
+            self.working[name] = _peak(op.forward, [x.astype(self.dtype) for x in xs])
+        return y
 
-    def stats(self, qs: tuple[float, ...]) -> dict[str, object]:
-        """The fields of :class:`NodeStats`."""
-        S = self.n
-        mean = self.shift + self.sum / S
-        var = np.maximum(self.sumsq - self.sum * self.sum / S, 0.0) / (S - 1)
-        mse = float(np.mean(self.mse))
-        half = _Z99 * float(np.std(self.mse, ddof=1)) / float(np.sqrt(S))
-        quantiles = {}
-        if self.kept is not None and qs:
-            values = np.quantile(self.kept, qs, axis=0).astype(np.float64)
-            quantiles = {q: v.reshape(self.shape) for q, v in zip(qs, values)}
-        return dict(mean=mean.reshape(self.shape), std=np.sqrt(var).reshape(self.shape),
-                    mse=mse, mse_ci=(max(0.0, mse - half), mse + half), mse_samples=self.mse,
-                    quantiles=quantiles, quantile_samples=self.keep if quantiles else 0)
+
+def _peak(forward, *args) -> int:
+    """The tracemalloc peak of ``forward(*args)`` (its arguments not counted)."""
+    tracemalloc.start()
+    try:
+        forward(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 @dataclass(frozen=True, eq=False)
@@ -228,6 +171,11 @@ class _Plan:
     activations: dict[str, list[_Sampler]]  # a layer's input sources, applied in order
     param_sources: dict[str, list[_Sampler]]
     fast: dict[str, list[_OutputNoise]]
+    # a layer that reads the same value as an earlier one through the same deterministic
+    # grids starts from that layer's input after its first j samplers: (layer, j); the
+    # earlier layer keeps it for that many readers, save[layer][j]
+    reuse: dict[str, tuple[str, int]]
+    save: dict[str, dict[int, int]]
 
 
 class _Sample:
@@ -237,6 +185,7 @@ class _Sample:
                  start: int, count: int, scratch: dict[int, Array]) -> None:
         self.plan, self.moments, self.streams = plan, moments, streams
         self.start, self.count, self.scratch = start, count, scratch
+        self.saved: dict[tuple[str, int], list] = {}  # (layer, j) -> [value, readers left]
 
     def inject(self, src: _Sampler, x: Array, scratch: Array | None = None) -> Array:
         if self.plan.mode == "noise":
@@ -245,8 +194,17 @@ class _Sample:
 
     def leaf(self, name: str, op: Op, x: Array) -> Array:
         plan = self.plan
-        for src in plan.activations.get(name, ()):
+        reuse = plan.reuse.get(name)
+        if reuse is not None:  # the same rounding of the same value: the same samples
+            entry = self.saved[reuse]
+            x, entry[1] = entry[0], entry[1] - 1
+            if not entry[1]:
+                del self.saved[reuse]
+        save = plan.save.get(name)
+        for j, src in enumerate(plan.activations.get(name, ()), 1):
             x = self.inject(src, x)
+            if save is not None and j in save:
+                self.saved[name, j] = [x, save[j]]
         params = dict(plan.params[name])
         for i, src in enumerate(plan.param_sources.get(name, ())):
             # sampled parameters die with the forward call: their draw buffers are
@@ -267,8 +225,9 @@ class _Sample:
         self._record(name, y)
         return y
 
-    def residual(self, name: str, skip: Array, branch: Array) -> Array:
-        y = skip + branch
+    def merge(self, name: str, op: Merge, xs: list[Array]) -> Array:
+        # every input carries the chunk's sample axis first; merges act on trailing axes
+        y = np.asarray(op.forward(xs), dtype=self.plan.dtype)
         self._record(name, y)
         return y
 
@@ -281,7 +240,7 @@ class _Sample:
         moments = self.moments.get(name)
         if moments is None:  # not recorded
             return
-        moments.add(y, self.start)
+        moments.add(y, self.start, _threads)
         if not moments.finite(self.start, self.count):
             raise ValueError(f"node {name!r}: a Monte Carlo sample (shape {y.shape}) contains "
                              f"NaN/Inf; the perturbed network overflows here")
@@ -300,7 +259,48 @@ class _Fitted:
         return self.grid.quantize(self.value, rng=rng) - self.value
 
 
-def _make_plan(net: Sequential, x: Array, ref: _Reference, sources: list[Source], mode: str,
+class _Sharing:
+    """Activation sources that round the value an earlier layer rounds (the same producer)
+    through equal deterministic grids (nearest or floor): the real network rounds it alike,
+    so the samples are the earlier layer's. A shared source draws nothing and takes no
+    random stream (the next source's index does not advance): a fused op whose one source
+    stands for several such layers draws the same numbers."""
+
+    def __init__(self, net: Network, ops: dict[str, Op]) -> None:
+        self.reads = {n.name: n.inputs[0] for n in net.dag() if n.name in ops}
+        self.order = {name: i for i, name in enumerate(ops)}
+        self.owned: dict[str, list[object]] = {}  # a layer with its own samplers -> grids
+        self.reuse: dict[str, tuple[str, int]] = {}
+        self.save: dict[str, dict[int, int]] = {}
+
+    def add(self, layer: str, grid: object, has_own: bool) -> bool:
+        """Record the next activation source of ``layer``; True when it is shared."""
+        prev = self.reuse.get(layer)
+        pos = prev[1] if prev else 0
+        if not has_own and isinstance(grid, UniformGrid) and grid.rounding != "stochastic":
+            reads, before = self.reads[layer], self.order[layer]
+            owners = [prev[0]] if prev else [m for m in self.owned if self.reads[m] == reads
+                                             and self.order[m] < before]
+            for m in owners:
+                grids = self.owned[m]
+                if pos < len(grids) and same_grid(grids[pos], grid):
+                    if prev:
+                        self._count(m, pos, -1)
+                    self._count(m, pos + 1, 1)
+                    self.reuse[layer] = (m, pos + 1)
+                    return True
+        if prev is None:
+            self.owned.setdefault(layer, []).append(grid)
+        return False
+
+    def _count(self, layer: str, j: int, step: int) -> None:
+        readers = self.save.setdefault(layer, {})
+        readers[j] = readers.get(j, 0) + step
+        if not readers[j]:
+            del readers[j]
+
+
+def _make_plan(net: Network, x: Array, ref: _Reference, sources: list[Source], mode: str,
                dtype: np.dtype, weight_noise: str) -> _Plan:
     """Fit every grid exactly as ``analyze`` does and prepare its sampler."""
     ops = dict(net.layers())
@@ -310,9 +310,11 @@ def _make_plan(net: Sequential, x: Array, ref: _Reference, sources: list[Source]
     fitted: dict[str, _Fitted] = {}  # what fit_in_context sees (like analyze's results)
     param_sources: dict[str, list[_Sampler]] = {}
     fast: dict[str, list[_OutputNoise]] = {}
+    sharing = _Sharing(net, ops)
     coarse: list[tuple[str, float]] = []
     input_error: Array | None = None
-    for key, src in enumerate(sources):
+    key = 0  # the source's random stream
+    for src in sources:
         if src.kind == "input":
             value = x
             grid = src.quantizer.fit(x, channel_axis=-1, what="the network input")
@@ -330,24 +332,31 @@ def _make_plan(net: Sequential, x: Array, ref: _Reference, sources: list[Source]
         peak = float(np.max(np.abs(value)))
         if peak > 0:
             coarse.append((src.name, float(np.min(grid.scale)) / peak))
+        # quantize mode, a layer reading the quantized input through the input's grid again
+        again = src.kind == "activation" and mode == "quantize" \
+            and value is not ref.inputs[src.layer] and same_grid(grid, fitted["input"].grid)
+        if src.kind == "activation" and not again \
+                and sharing.add(src.layer, grid, src.layer in activations):
+            continue  # the samples of an earlier layer: no draws, no stream
+        key += 1
         if src.kind == "input":
-            at_input = _sampler(key, src, value, grid, mode, dtype)
+            at_input = _sampler(key - 1, src, value, grid, mode, dtype)
         elif src.kind == "activation":
-            if mode == "quantize" and value is not ref.inputs[src.layer] \
-                    and same_grid(grid, fitted["input"].grid):
-                continue  # the input's grid again: Q(Q(x)) = Q(x), even on a shifted grid
+            if again:
+                continue  # Q(Q(x)) = Q(x), even on a shifted grid
             activations.setdefault(src.layer, []).append(
-                _sampler(key, src, value, grid, mode, dtype))
+                _sampler(key - 1, src, value, grid, mode, dtype))
         else:
             op = ops[src.layer]
             noise = None
-            if weight_noise == "output" and src.param == "W" and isinstance(op, Linear):
-                noise = _output_noise(key, src, ref.inputs[src.layer], grid, value, dtype)
+            if weight_noise == "output" and may_sample_at_output(op, src) and _error_is_x_dwt(
+                    op, src.param, ref.inputs[src.layer], ref.values[src.layer]):
+                noise = _output_noise(key - 1, src, ref.inputs[src.layer], grid, value, dtype)
             if noise is not None:
                 fast.setdefault(src.layer, []).append(noise)
             else:
                 param_sources.setdefault(src.layer, []).append(
-                    _sampler(key, src, value, grid, mode, dtype))
+                    _sampler(key - 1, src, value, grid, mode, dtype))
     fine = [(name, r) for name, r in coarse if r < _FLOAT32_MIN_STEP]
     if dtype == np.float32 and fine:
         names = ", ".join(f"{n!r} ({r:.1e})" for n, r in fine[:5])
@@ -356,15 +365,23 @@ def _make_plan(net: Sequential, x: Array, ref: _Reference, sources: list[Source]
                       f"{_FLOAT32_MIN_STEP:g} of the largest value, close to float32 resolution "
                       f"(1.2e-07), so float32 rounding would pollute the error; use "
                       f"dtype=numpy.float64", UserWarning, stacklevel=3)
-    return _Plan(dtype, mode, params, at_input, activations, param_sources, fast)
+    return _Plan(dtype, mode, params, at_input, activations, param_sources, fast,
+                 sharing.reuse, sharing.save)
 
 
-def _bytes_per_sample(net: Sequential, ref: _Reference, plan: _Plan) -> int:
-    """Estimated live bytes per sample of a chunk, at the most expensive layer."""
+def _bytes_per_sample(net: Network, ref: _Reference, plan: _Plan) -> int:
+    """Estimated live bytes per sample of a chunk: the most expensive node (its forward, its
+    samplers, the statistics tiles), plus the values kept for later readers: the largest
+    value (a residual's input stays alive across its branch), or more where several are."""
     item = plan.dtype.itemsize
     temps = 3 if plan.mode == "noise" else 6  # draws, shifted values, rounding temporaries
-    worst = 0
-    for name, _ in net.layers():
+    nodes = net.dag()
+    last = {k: i for i, node in enumerate(nodes) for k in node.inputs}
+    size = {INPUT: ref.input_size, **{name: v.size for name, v in ref.values.items()}}
+    alive = {INPUT} if INPUT in last else set()
+    worst = held = 0
+    for i, node in enumerate(nodes):
+        name = node.name
         cost = ref.working[name] + 2 * 8 * _TILE  # the op's forward; statistics tiles
         for src in plan.activations.get(name, ()):
             cost += temps * item * src.value.size
@@ -372,5 +389,8 @@ def _bytes_per_sample(net: Sequential, ref: _Reference, plan: _Plan) -> int:
         cost += sum(item * (f.US.shape[1] + 2 * f.US.shape[0]) * f.sigma.size
                     for f in plan.fast.get(name, ()))
         worst = max(worst, cost)
-    # the input of a residual stays alive across its branch
-    return worst + item * max(v.size for v in ref.values.values())
+        held = max(held, sum(size[k] for k in alive if k not in node.inputs))
+        alive = {k for k in alive if last[k] > i} | ({name} if name in last else set())
+    # inputs rounded once for several layers stay alive until their last reader
+    shared = sum(ref.inputs[m].size * len(js) for m, js in plan.save.items())
+    return worst + item * (max(max(v.size for v in ref.values.values()), held) + shared)

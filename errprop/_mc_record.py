@@ -8,19 +8,23 @@ Monte Carlo result only when both ran the same network on the same input under t
 same config. The sketches make the check need nothing but what a :class:`Report`
 already carries (its config and its nodes' float values), and tolerate float64
 summation-order differences, unlike a hash of the values.
+
+:class:`_Moments` is the other record of a run: the statistics of the samples
+accumulated per node, chunk by chunk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, fields
 
 import numpy as np
 
 from ._config import QuantConfig
-from ._graph import Sequential
+from ._network import Network
 from ._op import Array
 
 #: the golden ratio's fractional part: ``frac(j·φ) − ½`` weights a sketch by position
@@ -28,6 +32,10 @@ _PHI = 0.6180339887498949
 #: values whose sketches agree to this relative tolerance are the same float values
 _SKETCH_RTOL = 1e-9
 _BLOCK = 1 << 20
+#: two-sided 99% normal quantile
+_Z99 = 2.5758293035489004
+#: elements per tile of the node statistics: a chunk's float64 tile stays in cache
+_TILE = 1 << 14
 
 
 def fingerprint(*arrays: Array) -> str:
@@ -99,7 +107,7 @@ class Sampled:
     sketches: Mapping[str, tuple[float, float, float, float, float]]
 
     @classmethod
-    def record(cls, net: Sequential, x: Array, config: QuantConfig, mode: str,
+    def record(cls, net: Network, x: Array, config: QuantConfig, mode: str,
                values: Mapping[str, Array]) -> Sampled:
         """The record of a run of ``net`` on ``x``; ``values``: node name -> float value."""
         params = {f"{name}.{key}": fingerprint(value) for name, op in net.layers()
@@ -162,3 +170,93 @@ def _network_difference(theirs: list[tuple], ours: list[tuple]) -> str:
         (theirs, ours, "Monte Carlo run")
     return (f"network: the {who} has {len(extra) - len(short)} more node(s) after "
             f"{short[-1][0] if short else 'the input'!r}, from {extra[len(short)][0]!r}")
+
+
+class _Moments:
+    """Per-element mean and variance over samples, the per-sample MSE, and the kept
+    samples (for quantiles) of one node.
+
+    Sums are taken around a fixed center, the first sample's value ``y₀`` (the
+    shifted-data algorithm: no cancellation when the mean error dominates its
+    spread, and the same center whatever the chunking). A chunk is processed in
+    tiles of ``_TILE`` elements, on the sampling threads: a tile's float64
+    deviations ``d = y - y₀`` (exact for float32 ``y``) stay in cache while
+    ``Σ_s d``, ``Σ_s d²``, and per sample ``Σ_j d²`` and ``Σ_j d·δ₀`` are taken,
+    with ``δ₀ = y₀ - y_float`` the first sample's error, so that a sample's
+    ``Σ_j (d + δ₀)²`` is its squared error. Per-sample sums add the tiles in a
+    fixed order: every per-sample value is bitwise the same for any chunking.
+    The first ``keep`` samples' errors are kept in the run's dtype.
+    """
+
+    def __init__(self, ref: Array, samples: int, keep: int, dtype: np.dtype) -> None:
+        self.shape = ref.shape
+        self.ref = ref.reshape(-1)
+        self.n = 0
+        self.center: Array | None = None
+        self.shift: Array | None = None
+        self.shift_sq = 0.0
+        self.sum = np.zeros(self.ref.size)
+        self.sumsq = np.zeros(self.ref.size)
+        self.mse = np.empty(samples)
+        self.keep = keep
+        self.kept = np.empty((keep, self.ref.size), dtype) if keep else None
+
+    def add(self, y: Array, start: int, threads: Callable[[], Executor | None]) -> None:
+        """Accumulate the chunk ``y`` (``(count, *shape)``) of samples ``start, ...``;
+        a large chunk's tiles go to the pool ``threads()`` (None: serially)."""
+        count = y.shape[0]
+        flat = y.reshape(count, -1)
+        if self.center is None:
+            self.center = flat[0].astype(np.float64)
+            self.shift = self.center - self.ref
+            self.shift_sq = float(np.einsum("j,j->", self.shift, self.shift))
+        size = self.ref.size
+        tiles = list(range(0, size, _TILE))
+        sq = np.empty((len(tiles), count))
+        cross = np.empty((len(tiles), count))
+        kept = max(0, min(count, self.keep - start))
+
+        def work(first: int, stop: int) -> None:
+            buf = np.empty((count, min(_TILE, size)))
+            for t in range(first, stop):
+                a = tiles[t]
+                b = min(size, a + _TILE)
+                d = buf[:, :b - a]
+                np.copyto(d, flat[:, a:b])
+                d -= self.center[a:b]
+                self.sum[a:b] += np.add.reduce(d, axis=0)
+                self.sumsq[a:b] += np.einsum("ij,ij->j", d, d)
+                np.einsum("ij,ij->i", d, d, out=sq[t])
+                np.einsum("ij,j->i", d, self.shift[a:b], out=cross[t])
+                if kept:
+                    np.subtract(flat[:kept, a:b], self.ref[a:b], dtype=np.float64,
+                                out=self.kept[start:start + kept, a:b])
+
+        pool = threads() if count * size >= 4 * _TILE else None
+        if pool is None:
+            work(0, len(tiles))
+        else:
+            half = len(tiles) // 2
+            for job in [pool.submit(work, 0, half), pool.submit(work, half, len(tiles))]:
+                job.result()
+        total = np.add.reduce(sq, axis=0) + 2.0 * np.add.reduce(cross, axis=0) + self.shift_sq
+        self.mse[start:start + count] = total / size
+        self.n += count
+
+    def finite(self, start: int, count: int) -> bool:
+        return bool(np.all(np.isfinite(self.mse[start:start + count])))
+
+    def stats(self, qs: tuple[float, ...]) -> dict[str, object]:
+        """The fields of :class:`NodeStats`."""
+        S = self.n
+        mean = self.shift + self.sum / S
+        var = np.maximum(self.sumsq - self.sum * self.sum / S, 0.0) / (S - 1)
+        mse = float(np.mean(self.mse))
+        half = _Z99 * float(np.std(self.mse, ddof=1)) / float(np.sqrt(S))
+        quantiles = {}
+        if self.kept is not None and qs:
+            values = np.quantile(self.kept, qs, axis=0).astype(np.float64)
+            quantiles = {q: v.reshape(self.shape) for q, v in zip(qs, values)}
+        return dict(mean=mean.reshape(self.shape), std=np.sqrt(var).reshape(self.shape),
+                    mse=mse, mse_ci=(max(0.0, mse - half), mse + half), mse_samples=self.mse,
+                    quantiles=quantiles, quantile_samples=self.keep if quantiles else 0)

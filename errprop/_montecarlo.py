@@ -4,7 +4,9 @@ An interpreter over the same graph and the same ``forward`` as the other
 passes. Its value is a batch of samples: every array carries a leading sample
 axis ``S`` (``(S, batch, features)`` or ``(S, batch, tokens, features)``), and
 a sampled parameter has shape ``(S, *param.shape)``, which the ops pair with
-the sample axis of their input. Samples run in chunks under a memory cap.
+the sample axis of their input; a merge (``Add``, ``Mul``, ``Concat``,
+``MatMul``) acts on the trailing axes of its inputs, which share the sample
+axis. Samples run in chunks under a memory cap.
 
 Two modes:
 
@@ -17,8 +19,16 @@ Two modes:
   activation grids are applied to the sample's actual, already perturbed
   activation, so clipping of moved activations is included.
 
+Fan-out: layers that read the same value through equal grids rounding to
+nearest or floor round it alike in the real network, so they share one
+source's samples (an attention's q, k, v projections, a gated MLP's gate and
+up); stochastic rounding rounds each independently, as :func:`errprop.analyze`'s
+exact run does.
+
 Randomness: sample ``i``'s draws for source ``k`` come from the stream
-``SeedSequence(seed, spawn_key=(k, i // 64))``, consumed in sample order.
+``SeedSequence(seed, spawn_key=(k, i // 64))``, consumed in sample order;
+``k`` numbers the sources of ``config.sources(net)`` in order, a source
+sharing an earlier layer's samples taking no number.
 Chunks are processed in order, so the draws, and every result, do not
 depend on ``chunk_size``.
 """
@@ -35,9 +45,10 @@ import numpy as np
 
 from ._checks import check_int, check_seed
 from ._config import QuantConfig
-from ._graph import Sequential, check_input, unknown_name_message, walk
-from ._linear import Linear
-from ._mc_passes import _bytes_per_sample, _make_plan, _Moments, _Reference, _Sample
+from ._graph import check_input, unknown_name_message, walk
+from ._network import Network
+from ._mc_passes import (_bytes_per_sample, _make_plan, _Moments, _Reference, _Sample,
+                         may_sample_at_output)
 from ._mc_record import Sampled
 from ._op import Array
 from ._sampling import _Streams
@@ -93,7 +104,7 @@ class MonteCarloResult:
     samples, seconds, chunk_size : sample count, wall time, samples per chunk.
     mode, dtype, seed, weight_noise : the run's settings (``seed`` is the one
         drawn when None was passed, so the run can be repeated).
-    fast_sources : the Linear weight sources sampled at the layer output
+    fast_sources : the weight sources sampled at the layer output
         (``weight_noise="output"``); every other source used the exact mode.
     sampled : :class:`Sampled`, what was sampled: the config, the mode, the
         network (node names, kinds, shapes; a hash of its parameters), the input
@@ -134,7 +145,7 @@ class MonteCarloResult:
 
 
 # ---------------------------------------------------------------- entry point
-def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 1000, *,
+def monte_carlo(net: Network, x: object, config: QuantConfig, samples: int = 1000, *,
                 seed: int | None = 0, mode: str = "noise", chunk_size: int | None = None,
                 memory_limit: int = 2 ** 30, dtype: type | np.dtype | str = np.float64,
                 quantiles: Sequence[float] = (0.005, 0.5, 0.995), progress: bool | None = None,
@@ -144,7 +155,7 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
 
     Parameters
     ----------
-    net : Sequential
+    net : Sequential or Graph (any network: merges, shape ops, fan-out)
     x : array ``(batch, features)`` or ``(batch, tokens, features)``
     config : QuantConfig; grids are fitted exactly as :func:`errprop.analyze`
         fits them (parameters per ``channel_axis=0``, activations and the input
@@ -152,8 +163,8 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
     samples : int ≥ 2 (a standard deviation needs two).
     seed : non-negative int, or None for fresh entropy (the seed used is in the
         result). Sample ``i`` of source ``k`` draws from the stream
-        ``SeedSequence(seed, spawn_key=(k, i // 64))``, so results are the same
-        for any ``chunk_size``.
+        ``SeedSequence(seed, spawn_key=(k, i // 64))`` (``k``: see the module
+        docstring), so results are the same for any ``chunk_size``.
     mode : ``"noise"`` (draw each error from its error model) or ``"quantize"``
         (really quantize every sample, with subtractive dither for nearest and
         floor rounding, real stochastic rounding otherwise). See Notes.
@@ -169,8 +180,9 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
         error at the output and at the ``quantile_nodes``; ``()`` keeps no samples.
     progress : None shows a progress line on stderr if it is a terminal and the
         run is expected to take over 2 s; True/False force it on/off.
-    weight_noise : ``"exact"``, or ``"output"`` (noise mode only): a Linear
-        weight whose error is iid along each row (nearest or floor rounding,
+    weight_noise : ``"exact"``, or ``"output"`` (noise mode only): a 2-D
+        weight ``W`` whose layer's output error is ``X ΔWᵀ`` (a ``Linear``, asked
+        from the op's ``jvp`` rule) and whose error is iid along each row (nearest or floor rounding,
         per-tensor or per-channel scales, at most one clipped element per row)
         is sampled at the layer output as a Gaussian with the exact mean and
         covariance of ``X ΔWᵀ`` over the ``N`` = batch·tokens rows of the float
@@ -245,8 +257,8 @@ def monte_carlo(net: Sequential, x: object, config: QuantConfig, samples: int = 
     ops = dict(net.layers())
     keep = {s.layer for s in sources if s.kind == "activation"}
     if weight_noise == "output":
-        keep |= {s.layer for s in sources if s.param == "W" and isinstance(ops[s.layer], Linear)}
-    ref = _Reference(keep, run_dtype)
+        keep |= {s.layer for s in sources if s.param and may_sample_at_output(ops[s.layer], s)}
+    ref = _Reference(keep, run_dtype, x)
     with np.errstate(over="ignore", invalid="ignore"):
         y_float = walk(net, x, ref)
     sampled = Sampled.record(net, x, config, mode, ref.values)
@@ -368,7 +380,7 @@ def _check_quantiles(quantiles: object) -> tuple[float, ...]:
     return tuple(out)
 
 
-def _check_nodes(net: Sequential, nodes: object, what: str) -> list[str]:
+def _check_nodes(net: Network, nodes: object, what: str) -> list[str]:
     """The chosen node names in execution order, the output always among them."""
     names = [info.name for info in net.nodes()]
     if isinstance(nodes, str):
