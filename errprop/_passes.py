@@ -3,9 +3,11 @@
 (The rigorous bound over the real nonlinear network is in :mod:`errprop._rigorous`.)
 
 Each is an interpreter for :func:`errprop._graph.walk` that reuses the float
-forward values recorded by :func:`errprop.analyze` and calls one rule per op:
-``jvp2`` (second-order Taylor coefficient), ``abs_jvp`` (elementwise interval
-bound), ``norm_jvp`` (operator-norm bound per batch element).
+forward values recorded by :func:`errprop.analyze` (a merge records its inputs as a tuple)
+and calls one rule per node, a one-input op or a merge alike: ``jvp2`` (second-order Taylor
+coefficient), ``abs_jvp`` (elementwise interval bound), ``norm_jvp`` (operator-norm bound
+per batch element). A pass whose rule some node lacks refuses before any work
+(:func:`require_rules`), naming the node.
 """
 
 from __future__ import annotations
@@ -16,11 +18,40 @@ import numpy as np
 
 from ._config import Source
 from ._graph import Sequential, walk
+from ._merge import Merge
+from ._network import Network
 from ._op import Array, Op, sample_norm
 from ._report import SourceResult
 
 Forward = Mapping[str, tuple[Array, Array]]
 ByLayer = Mapping[str, list[Source]]
+
+#: the base classes' placeholder rules, which only raise NotImplementedError: an op whose
+#: class resolves a rule to one of these does not have it. (``Op.jvp2`` is not one: it is
+#: a working numerical default from the op's own ``jvp``.)
+_PLACEHOLDERS = frozenset({Op.vjp, Op.abs_jvp, Op.norm_jvp, Merge.jvp, Merge.vjp, Merge.jvp2,
+                           Merge.abs_jvp, Merge.norm_jvp})
+
+
+class MissingRule(NotImplementedError):
+    """A pass needs a rule that a node's op does not have (raised before the pass runs)."""
+
+
+def has_rule(op: Op | Merge, rule: str) -> bool:
+    """Whether ``op`` has its own ``rule`` (``"vjp"``, ``"jvp2"``, ``"abs_jvp"``, ...), not
+    the base class's placeholder."""
+    method = getattr(type(op), rule, None)
+    return method is not None and method not in _PLACEHOLDERS
+
+
+def require_rules(net: Network, purpose: str, *rules: str) -> None:
+    """Refuse a pass up front when a node's op lacks one of ``rules``: ``"interval bounds
+    need abs_jvp, which Mul 'gate' does not have"``."""
+    for node in net.dag():
+        for rule in rules:
+            if not has_rule(node.op, rule):
+                raise MissingRule(f"{purpose} need {rule}, which {type(node.op).__name__} "
+                                  f"{node.name!r} does not have (see docs/adding-an-op.md)")
 
 
 class _SecondOrder:
@@ -52,16 +83,24 @@ class _SecondOrder:
         self.nodes[name] = a_out + b_out
         return a_out, b_out
 
-    def residual(self, name: str, skip: tuple, branch: tuple) -> tuple:
-        out = tuple(t if s is None else s + t for s, t in zip(skip, branch))
-        self.nodes[name] = out[0] + out[1]
-        return out
+    def merge(self, name: str, op: Merge, states: list[tuple]) -> tuple:
+        xs, y = self.forward[name]
+        a_s = [a for a, _ in states]
+        b_s = [b for _, b in states]
+        if all(a is None for a in a_s):  # only before any source (b is None there too)
+            self.nodes[name] = np.zeros_like(y)
+            return None, None
+        a_out = op.jvp(xs, y, a_s, {})
+        b_out = op.jvp2(xs, y, a_s, b_s)
+        self.nodes[name] = a_out + b_out
+        return a_out, b_out
 
 
 def second_order_pass(net: Sequential, forward: Forward, by_layer: ByLayer,
                       dparams: Mapping[str, Array],
                       sources: Mapping[str, SourceResult]) -> dict[str, Array]:
     """Second-order prediction of the exact error at every node."""
+    require_rules(net, "second-order predictions", "jvp", "jvp2")
     errors = {k: v.error for k, v in sources.items() if v.source.param is None}
     second = _SecondOrder(forward, by_layer, dparams, errors)
     a0 = errors.get("input")
@@ -120,8 +159,9 @@ class _Bound:
         self.nodes[name] = out
         return out
 
-    def residual(self, name: str, skip: Array | None, branch: Array) -> Array:
-        out = branch if skip is None else skip + branch
+    def merge(self, name: str, op: Merge, rs: list[Array | None]) -> Array:
+        xs, y = self.forward[name]
+        out = getattr(op, self.rule)(xs, y, rs)
         self.nodes[name] = out
         return out
 
@@ -131,6 +171,7 @@ def bound_pass(net: Sequential, forward: Forward, by_layer: ByLayer,
     """``kind="interval"``: elementwise bounds; ``"norm"``: per-batch-element norm bounds."""
     rule, enter = {"interval": ("abs_jvp", lambda box: box),
                    "norm": ("norm_jvp", sample_norm)}[kind]
+    require_rules(net, f"{kind} bounds", rule)
     bound = _Bound(forward, by_layer, sources, rule, enter)
     r0 = enter(sources["input"].model.max_abs) if "input" in sources else None
     with np.errstate(over="ignore", invalid="ignore"):

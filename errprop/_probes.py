@@ -10,7 +10,8 @@ element ``i``, ``E_r[(Σ_e J_ie σ_e r_e)²] = Σ_e J_ie² σ_e² = Var Δx_i``,
 mean of the squared probes is an unbiased estimate of the first-order variance;
 its relative standard error is at most ``sqrt(2/P)`` per element and much smaller
 for the MSE (an average over elements), which is reported with its own error bar.
-The mean ``E Δx = Σ_e J_ie m_e`` rides along as one extra, exact row.
+The mean ``E Δx = Σ_e J_ie m_e`` rides along as one extra, exact row. A merge
+node pushes its inputs' probe rows through its own ``jvp`` (linear in them).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._graph import Sequential, walk
+from ._merge import Merge
 from ._op import Array, Op
+from ._passes import require_rules
 from ._report import SourceResult
 
 
@@ -116,10 +119,10 @@ class _Probe:
         self.record(name, dy, y)
         return y, dy
 
-    def residual(self, name: str, skip: tuple, branch: tuple) -> tuple:
-        (xs, ts), (xb, tb) = skip, branch
-        t = tb if ts is None else (ts if tb is None else ts + tb)
-        y = xs + xb
+    def merge(self, name: str, op: Merge, states: list[tuple]) -> tuple:
+        xs, y = self.forward[name]
+        ts = [t for _, t in states]
+        t = None if all(t is None for t in ts) else op.jvp(xs, y, ts, {})
         self.record(name, t, y)
         return y, t
 
@@ -130,6 +133,7 @@ def node_statistics(net: Sequential, x: Array, forward: Mapping[str, tuple[Array
     """Estimated first-order statistics at every node of ``net`` (see module docstring)."""
     if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 2:
         raise ValueError(f"probes must be an integer >= 2, got {probes!r}")
+    require_rules(net, "probe statistics", "jvp")
     by_layer: dict[str, list[SourceResult]] = {}
     for s in sources.values():
         if s.source.layer is not None:

@@ -13,10 +13,13 @@ The bound at a node is ``max(hi − y, y − lo)`` for the float value ``y``: ne
 true maximum ``|Δy|`` over the box, remainder included (tests/test_rigorous.py checks it
 against vertex enumeration and random points of the box).
 
-One rule per op type, in :data:`RULES` (``type -> rule(op, where, box, pboxes)``); an op
-without a rule is refused by name. Interval arithmetic ignores the correlations that the
-first order keeps (``|W₂||W₁|`` instead of ``|W₂W₁|``), so the rigorous bound is looser:
-the price of a guarantee.
+One rule per op type, in :data:`RULES` (``type -> rule(op, where, box, pboxes)``), and per
+merge type in :data:`MERGE_RULES` (``type -> rule(op, where, boxes)``: ``Add`` and
+``Concat`` exactly, ``Mul`` as the hull of the corner products, ``MatMul`` as Rump's
+midpoint-radius product); a node without one is refused by name before the pass runs.
+Interval arithmetic ignores the correlations that the first order keeps (``|W₂||W₁|``
+instead of ``|W₂W₁|``; ``a ⊙ b`` with ``a`` and ``b`` computed from the same input as
+if they were independent), so the rigorous bound is looser: the price of a guarantee.
 """
 
 from __future__ import annotations
@@ -35,14 +38,17 @@ from ._embedding import Embedding
 from ._float import FloatGrid
 from ._graph import Sequential, walk
 from ._linear import Linear
+from ._merge import Add, Concat, MatMul, Merge, Mul
+from ._network import _Join
 from ._norm import L2Normalize, LayerNorm, RMSNorm
 from ._op import Array, Op
-from ._passes import layer_sources, sources_by_layer
+from ._passes import has_rule, layer_sources, sources_by_layer
 from ._pool import MeanPool
+from ._shape_ops import Reshape, Scale, Slice, Transpose
 from ._fixed import FixedGrid
 from ._quant import UniformGrid
 from ._report import SourceResult
-from ._rigorous_centred import local_remainder, quantizer_remainder
+from ._rigorous_centred import local_remainder, merge_remainder, quantizer_remainder
 from ._rigorous_box import (Box, affine_box, matmul_box, mul_box, param_box, ratio_box,
                             rounding_slack, scale_box, softmax_box, square_box, sum_others)
 
@@ -61,6 +67,21 @@ def rigorous_rule(kind: type) -> Callable[[Rule], Rule]:
     """Register the interval rule of an op type."""
     def register(rule: Rule) -> Rule:
         RULES[kind] = rule
+        return rule
+    return register
+
+
+MergeRule = Callable[[Merge, str, list[Box]], Box]
+
+#: merge type -> its interval rule ``rule(op, where, boxes) -> Box`` (one box per input)
+MERGE_RULES: dict[type, MergeRule] = {}
+
+
+def rigorous_merge_rule(*kinds: type) -> Callable[[MergeRule], MergeRule]:
+    """Register the interval rule of merge types."""
+    def register(rule: MergeRule) -> MergeRule:
+        for kind in kinds:
+            MERGE_RULES[kind] = rule
         return rule
     return register
 
@@ -198,6 +219,48 @@ def _attention(op: Attention, where: str, box: Box, pboxes: Mapping[str, Array])
     return project(merged, "Wo", "bo")
 
 
+# ------------------------------------------------------------------ shape ops
+@rigorous_rule(Reshape)
+@rigorous_rule(Transpose)
+@rigorous_rule(Slice)
+def _selection(op: Op, where: str, box: Box, pboxes: Mapping[str, Array]) -> Box:
+    # every output element is one input element: the ends move with it, exactly
+    return Box(op.forward(box.lo), op.forward(box.hi))
+
+
+@rigorous_rule(Scale)
+def _scale(op: Scale, where: str, box: Box, pboxes: Mapping[str, Array]) -> Box:
+    c = op.factor
+    return scale_box(box, c) if c >= 0 else scale_box(Box(-box.hi, -box.lo), -c)
+
+
+# ------------------------------------------------------------------ merges
+@rigorous_merge_rule(Add, _Join)
+def _add_boxes(op: Merge, where: str, boxes: list[Box]) -> Box:
+    out = boxes[0]
+    for box in boxes[1:]:
+        out = out + box
+    return out
+
+
+@rigorous_merge_rule(Concat)
+def _concat(op: Concat, where: str, boxes: list[Box]) -> Box:
+    return Box(op.forward([b.lo for b in boxes]), op.forward([b.hi for b in boxes]))
+
+
+@rigorous_merge_rule(Mul)
+def _mul(op: Mul, where: str, boxes: list[Box]) -> Box:
+    return mul_box(*boxes)
+
+
+@rigorous_merge_rule(MatMul)
+def _matmul_merge(op: MatMul, where: str, boxes: list[Box]) -> Box:
+    a, b = boxes
+    if op.transpose_b:
+        b = Box(np.swapaxes(b.lo, -1, -2), np.swapaxes(b.hi, -1, -2))
+    return matmul_box(a, b)
+
+
 # ------------------------------------------------------------------ activation quantizers
 def _uniform_enclosure(grid: UniformGrid, box: Box) -> Box:
     # Q(v) for v ∈ [lo, hi] lies between the grid point at or below lo and the one at or
@@ -263,10 +326,6 @@ class _State:
     rem: Array | None  # centred-form remainder bound (None: unavailable)
 
 
-def _add(a: Array | None, b: Array | None) -> Array | None:
-    return b if a is None else a if b is None else a + b
-
-
 class _Rigorous:
     def __init__(self, by_layer: Mapping[str, list[Source]],
                  sources: Mapping[str, SourceResult]) -> None:
@@ -310,11 +369,7 @@ class _Rigorous:
         return box, fo, rem
 
     def leaf(self, name: str, op: Op, s: _State) -> _State:
-        rule = RULES.get(type(op))
-        if rule is None:
-            raise RigorousBoundUnavailable(
-                f"rigorous bounds are not available for {type(op).__name__} {name!r}: no "
-                f"interval rule is registered for {type(op).__name__} (errprop._rigorous.RULES)")
+        rule = RULES[type(op)]  # every node's rules are checked before the pass
         inputs, pboxes = layer_sources(self.by_layer.get(name, []), self.sources)
         box, fo, rem = self._quantize(inputs, s)
         kink = KINKS.get(type(op), lambda _: None)(op)
@@ -330,16 +385,44 @@ class _Rigorous:
             rem = op.abs_jvp(x, y, rem, {}) + local_remainder(op, x, y, dbox, pboxes, out)
         return self._record(name, _State(y, out, fo_out, rem))
 
-    def residual(self, name: str, skip: _State, branch: _State) -> _State:
-        rem = None if skip.rem is None or branch.rem is None else skip.rem + branch.rem
-        return self._record(name, _State(skip.y + branch.y, skip.box + branch.box,
-                                         _add(skip.fo, branch.fo), rem))
+    def merge(self, name: str, op: Merge, states: list[_State]) -> _State:
+        xs = [s.y for s in states]
+        y = op.forward(xs)
+        boxes = [s.box for s in states]
+        out = MERGE_RULES[type(op)](op, name, boxes)
+        fos = [s.fo for s in states]
+        fo = None if all(f is None for f in fos) else op.abs_jvp(xs, y, fos)
+        rems = [s.rem for s in states]
+        rem = None
+        if all(r is not None for r in rems):
+            # Δy = J Δx + ρ: the inputs' remainders go through |J|, plus the merge's own
+            rem = op.abs_jvp(xs, y, rems)
+            local = merge_remainder(op, xs, y, boxes, out)
+            rem = rem if local is None else rem + local
+        return self._record(name, _State(y, out, fo, rem))
+
+
+def _check_rules(net: Sequential) -> None:
+    """Refuse before any work a node without an interval rule or an ``abs_jvp``."""
+    for node in net.dag():
+        op, kind = node.op, type(node.op).__name__
+        merge = not isinstance(op, Op)
+        if (MERGE_RULES if merge else RULES).get(type(op)) is None:
+            table = "MERGE_RULES" if merge else "RULES"
+            raise RigorousBoundUnavailable(
+                f"rigorous bounds are not available for {kind} {node.name!r}: no interval "
+                f"rule is registered for {kind}{' merges' if merge else ''} "
+                f"(errprop._rigorous.{table})")
+        if not has_rule(op, "abs_jvp"):
+            raise RigorousBoundUnavailable(f"rigorous bounds need abs_jvp, which {kind} "
+                                           f"{node.name!r} does not have")
 
 
 def rigorous_pass(net: Sequential, x: Array, sources: Mapping[str, SourceResult]) -> RigorousResult:
     """Rigorous elementwise bounds at every node of ``net`` on the float input ``x`` for the
     analysed ``sources`` (name -> :class:`SourceResult`, as in ``Report.sources``): the
     smaller of the interval enclosure and the centred form at every node."""
+    _check_rules(net)
     x = np.asarray(x, dtype=np.float64)
     box, fo = Box.point(x), None
     if "input" in sources:

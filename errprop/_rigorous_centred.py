@@ -15,7 +15,10 @@ rigorous bound takes the smaller of the two. An activation quantizer's rounding 
 box and a remainder ``max(|ε|max − max_abs, 0)``.
 
 Local remainder bounds, one per op type (:data:`REMAINDERS`); an op without one gets the
-generic ``ρ ∈ Δy_box − (J mid(Δx) ± |J| rad(Δx))``, sound and loose.
+generic ``ρ ∈ Δy_box − (J mid(Δx) ± |J| rad(Δx))``, sound and loose. A merge's remainder
+is the inputs' remainders through ``|J|`` plus its own (:data:`MERGE_REMAINDERS`): none
+for ``Add`` and ``Concat``, the product of the input errors ``P(|Δa|, |Δb|)`` for a
+bilinear ``Mul``/``MatMul`` (``Δy = P(Δa, b) + P(a, Δb) + P(Δa, Δb)``).
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ import numpy as np
 from ._activation import ACTIVATIONS, Activation
 from ._embedding import Embedding
 from ._linear import Linear
+from ._merge import Add, Concat, MatMul, Merge, Mul
+from ._network import _Join
 from ._op import Array, Op
 from ._pool import MeanPool
 from ._quant import UniformGrid
+from ._shape_ops import Reshape, Scale, Slice, Transpose
 from ._rigorous_box import Box, rounding_slack
 
 _EPS = float(np.finfo(np.float64).eps)
@@ -108,8 +114,20 @@ def _linear_map(op, x, y, dbox, pboxes, out):
     return rounding_slack(x.shape[-2] if x.ndim > 2 else 3, _magnitude(out))
 
 
+def _selection(op, x, y, dbox, pboxes, out):
+    # every output element is one input element: the error moves with it, exactly
+    return np.zeros_like(y)
+
+
+def _scaling(op, x, y, dbox, pboxes, out):
+    # c·(x + Δx) − c·x − c·Δx: only the rounding of the two products
+    return rounding_slack(1, np.maximum(_magnitude(out), np.abs(y)))
+
+
 REMAINDERS[MeanPool] = _linear_map
 REMAINDERS[Embedding] = _linear_map
+REMAINDERS[Reshape] = REMAINDERS[Transpose] = REMAINDERS[Slice] = _selection
+REMAINDERS[Scale] = _scaling
 
 
 def generic_remainder(op: Op, x: Array, y: Array, dbox: Box, pboxes: Mapping[str, Array],
@@ -125,6 +143,56 @@ def generic_remainder(op: Op, x: Array, y: Array, dbox: Box, pboxes: Mapping[str
 def local_remainder(op: Op, x: Array, y: Array, dbox: Box, pboxes: Mapping[str, Array],
                     out: Box) -> Array:
     return REMAINDERS.get(type(op), generic_remainder)(op, x, y, dbox, pboxes, out)
+
+
+# ------------------------------------------------------------------ merges
+#: merge type -> ``remainder(op, xs, y, boxes, out)``: a bound on the merge's own ``|ρ|``
+#: from its inputs' rigorous boxes and its output box, or None for exactly zero; a merge
+#: without one gets the generic bound (as an op does)
+MergeRemainder = Callable[[Merge, list[Array], Array, list[Box], Box], Array | None]
+MERGE_REMAINDERS: dict[type, MergeRemainder] = {}
+
+
+def _exactly_linear(op, xs, y, boxes, out):
+    # a sum (as the residual join always had it: the addition's own rounding is left to
+    # the first-order slack) or a concatenation (exact)
+    return None
+
+
+MERGE_REMAINDERS[Add] = MERGE_REMAINDERS[_Join] = MERGE_REMAINDERS[Concat] = _exactly_linear
+
+
+def _bilinear(op, xs, y, boxes, out):
+    # P(a + Δa, b + Δb) − P(a, b) − P(Δa, b) − P(a, Δb) = P(Δa, Δb), and P has 0/1
+    # coefficients, so |P(Δa, Δb)| ≤ P(|Δa|, |Δb|); plus the rounding of both products
+    # (terms: the products summed into one output element)
+    (a, b), (box_a, box_b) = xs, boxes
+    da = _magnitude(Box(box_a.lo - a, box_a.hi - a))
+    db = _magnitude(Box(box_b.lo - b, box_b.hi - b))
+    size = op.product(np.maximum(_magnitude(box_a), np.abs(a)),
+                      np.maximum(_magnitude(box_b), np.abs(b)))
+    terms = int(np.max(op.product(np.ones_like(a[:1]), np.ones_like(b[:1]))))
+    return op.product(da, db) * (1 + 8 * _EPS) + rounding_slack(terms, size)
+
+
+MERGE_REMAINDERS[Mul] = MERGE_REMAINDERS[MatMul] = _bilinear
+
+
+def generic_merge_remainder(op: Merge, xs: list[Array], y: Array, boxes: list[Box],
+                            out: Box) -> Array:
+    """:func:`generic_remainder` of a merge: ``ρ ∈ (out − y) − (J c ± |J| r)`` for the
+    inputs' errors ``Δxᵢ = cᵢ ± rᵢ``."""
+    dboxes = [Box(b.lo - x, b.hi - x) for b, x in zip(boxes, xs)]
+    centre = op.jvp(xs, y, [d.mid for d in dboxes], {})
+    spread = op.abs_jvp(xs, y, [d.rad for d in dboxes])
+    with np.errstate(invalid="ignore"):
+        rem = np.maximum(out.hi - y - centre + spread, centre + spread - (out.lo - y))
+    return np.where(np.isnan(rem), np.inf, rem) * (1 + 8 * _EPS)
+
+
+def merge_remainder(op: Merge, xs: list[Array], y: Array, boxes: list[Box],
+                    out: Box) -> Array | None:
+    return MERGE_REMAINDERS.get(type(op), generic_merge_remainder)(op, xs, y, boxes, out)
 
 
 # ------------------------------------------------------------------ activation quantizers

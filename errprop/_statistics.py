@@ -18,7 +18,9 @@ A parameter error is shared by every token and every batch element. Tokens
 of one sequence are summed inside the per-sample parameter cotangent
 (``Σ_t g_t ⊗ x_t`` for a weight), so the correlation between tokens is exact;
 batch elements are independent sweeps. Outputs are processed in chunks of
-(directions × batch elements) under a memory cap.
+(directions × batch elements) under a memory cap. A merge node passes the cotangent to
+its inputs by its own ``vjp``; where a value feeds several nodes the walk sums their
+cotangents.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import numpy as np
 from scipy import special
 
 from ._graph import Sequential, walk_backward
+from ._merge import Merge
 from ._network import forward_pairs
 from ._op import Array, Op, Outer
+from ._passes import require_rules
 from ._quant import ErrorModel
 from ._report import SourceResult
 
@@ -109,8 +113,8 @@ def output_statistics(net: Sequential, y: Array, forward: Mapping[str, tuple[Arr
                       work_limit: float = 2e11) -> OutputStatistics:
     """Reverse-mode first-order statistics of ``net``'s output.
 
-    ``forward`` maps each leaf name to its float ``(input, output)``; ``sources``
-    are the analysed sources with their error models.
+    ``forward`` maps each node name to its float ``(input, output)`` (a merge's input:
+    the tuple of its inputs); ``sources`` are the analysed sources with their error models.
     """
     B, out_shape = y.shape[0], y.shape[1:]
     K = int(np.prod(out_shape))
@@ -129,6 +133,7 @@ def output_statistics(net: Sequential, y: Array, forward: Mapping[str, tuple[Arr
             f"{work_limit:.0e}). Use report.node_statistics(probes=...) for an estimate with "
             f"error bars at every node (the output included), analyze fewer inputs, or raise "
             f"analyze(..., statistics_work_limit=...)")
+    require_rules(net, "exact output statistics", "vjp")
     per_pair = max(sum(int(x.size // B) for x in xs) + int(o.size // B)
                    for xs, o in forward_pairs(forward))
     if any(x.ndim > 2 for xs, _ in forward_pairs(forward) for x in xs):
@@ -160,7 +165,11 @@ def output_statistics(net: Sequential, y: Array, forward: Mapping[str, tuple[Arr
                         _accumulate(acc[s.name], gx, s, rows, k0, rows)
                 return gx
 
-            g_in = walk_backward(net, g, leaf)
+            def merge(name: str, op: Merge, g_out: Array) -> list[Array]:
+                xs, yl = forward[name]
+                return op.vjp([x[rows] for x in xs], yl[rows], g_out)
+
+            g_in = walk_backward(net, g, leaf, merge)
             if "input" in sources:
                 _accumulate(acc["input"], g_in, sources["input"], rows, k0, rows)
 
