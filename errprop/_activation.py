@@ -145,6 +145,10 @@ class Activation(Op):
     def prefix(self) -> str:  # type: ignore[override]
         return self.kind
 
+    @property
+    def commutes_with_requantization(self) -> bool:  # type: ignore[override]
+        return self.kind in ("relu", "identity")
+
     def forward(self, x: Array, params: Mapping[str, Array] | None = None) -> Array:
         return self.fn.f(x)
 

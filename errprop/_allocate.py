@@ -21,7 +21,6 @@ from ._checks import check_bool
 from scipy import optimize
 
 from ._analysis import analyze
-from ._attention import Attention
 from ._config import QuantConfig
 from ._graph import Sequential, check_input
 from ._network import float_values
@@ -91,20 +90,6 @@ class Allocation:
         return self.table()
 
 
-def _layer_macs(op: Op, shape: tuple[int, ...]) -> int:
-    """Multiply-adds of one forward of a weighted layer on an input of ``shape``."""
-    macs = getattr(op, "macs", None)
-    if macs is not None:
-        return int(macs(shape))
-    # fallback while Op has no macs(shape) method: the two weighted ops errprop has
-    tokens = int(np.prod(shape[:-1]))
-    if isinstance(op, Attention):
-        inner = op.params["Wq"].shape[0]
-        proj = sum(op.params[k].size for k in ("Wq", "Wk", "Wv", "Wo"))
-        return tokens * proj + 2 * tokens * shape[-2] * inner
-    return tokens * int(op.params["W"].size)
-
-
 def macs_per_input(net: Sequential, x: Array, layers: Iterable[str]) -> dict[str, float]:
     """Multiply-adds per batch element of the weighted ``layers`` and of every merge that
     multiplies (``Mul``, ``MatMul``: ``Merge.macs`` > 0), on the batch ``x``."""
@@ -114,7 +99,7 @@ def macs_per_input(net: Sequential, x: Array, layers: Iterable[str]) -> dict[str
     for node in net.dag():
         xs, _ = forward[node.name]
         if node.name in wanted:
-            out[node.name] = _layer_macs(node.op, xs.shape) / xs.shape[0]
+            out[node.name] = node.op.macs(xs.shape) / xs.shape[0]
         elif len(node.inputs) > 1:  # a merge: the shapes of its inputs
             macs = node.op.macs([v.shape for v in xs])
             if macs:

@@ -57,6 +57,12 @@ class Attention(Op):
     max_ndim = 3
     ndim_because = "the network contains attention"
 
+    def macs(self, shape):
+        """Projections, plus ``q kᵀ`` and ``A v`` (``2 T·inner`` per token)."""
+        tokens = int(np.prod(shape[:-1]))
+        proj = sum(int(self.params[k].size) for k in _WEIGHTS)
+        return tokens * proj + 2 * tokens * shape[-2] * int(self.params["Wq"].shape[0])
+
     def __init__(self, Wq: object, Wk: object, Wv: object, Wo: object,
                  bq: object | None = None, bk: object | None = None,
                  bv: object | None = None, bo: object | None = None, *,

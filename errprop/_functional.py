@@ -16,6 +16,7 @@ order they were made (a topological order), names them as ``Sequential`` does
 from __future__ import annotations
 
 from ._handle import Handle, Input
+from ._merge import Merge
 from ._network import INPUT, Network, Node, NodeInfo
 from ._op import check_local_name
 
@@ -83,7 +84,8 @@ class Graph(Network):
                         explicit.add(full)
                         break
             nodes.append(Node(full, h.op, ins))
-            infos.append(NodeInfo(full, h.op, type(h.op).__name__))
+            infos.append(NodeInfo(full, h.op, h.op.kind if isinstance(h.op, Merge)
+                                  else type(h.op).__name__))
             out_name[id(h)] = full
         self._finish(infos, nodes)
 

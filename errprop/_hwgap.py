@@ -302,7 +302,7 @@ class IntegerKernel:
 
         def integer(name: str) -> bool:
             op = ops[name]
-            if not _integer_matmul(op) or f"{name}.in" not in by_name \
+            if not op.integer_matmul or f"{name}.in" not in by_name \
                     or f"{name}.W" not in by_name:
                 return False
             a, w = by_name[f"{name}.in"].quantizer, by_name[f"{name}.W"].quantizer
@@ -322,7 +322,7 @@ class IntegerKernel:
             while k != INPUT and len(dag[k].inputs) == 1:
                 if integer(k):
                     return k
-                if not _commutes_with_requantization(dag[k].op):
+                if not dag[k].op.commutes_with_requantization:
                     return None
                 k = dag[k].inputs[0]
             return None  # the network input or a merge: quantized from float
@@ -368,23 +368,3 @@ class IntegerKernel:
         return users[0]
 
 
-def _integer_matmul(op: object) -> bool:
-    """The op is one matrix product plus bias ``x Wᵀ + b`` (params ``W``, ``b``) that an
-    integer kernel accumulates (a Linear)."""
-    flag = getattr(op, "integer_matmul", None)
-    if flag is not None:
-        return bool(flag)
-    from ._linear import Linear  # fallback while Op has no integer_matmul attribute
-
-    return isinstance(op, Linear)
-
-
-def _commutes_with_requantization(op: object) -> bool:
-    """``op(Q(u)) = Q(op(u))`` for a symmetric integer grid ``Q`` (ReLU, identity), so a
-    requantization before it is the one after it."""
-    flag = getattr(op, "commutes_with_requantization", None)
-    if flag is not None:
-        return bool(flag)
-    from ._activation import Activation  # fallback while Op has no such attribute
-
-    return isinstance(op, Activation) and op.kind in ("relu", "identity")

@@ -113,6 +113,10 @@ class Linear(Op):
 
     prefix = "fc"
     quantize_input = True
+    integer_matmul = True
+
+    def macs(self, shape):
+        return int(np.prod(shape[:-1])) * int(self.params["W"].size)
 
     def __init__(self, W: object, b: object | None = None, name: str | None = None) -> None:
         super().__init__(name)

@@ -38,6 +38,8 @@ class Merge:
     arity: ClassVar[int | None] = 2
     quantize_input: ClassVar[bool] = False
     ndim_change: ClassVar[int] = 0
+    integer_matmul: ClassVar[bool] = False
+    commutes_with_requantization: ClassVar[bool] = False
 
     def __init__(self, name: str | None = None) -> None:
         check_local_name(name)

@@ -80,6 +80,17 @@ class Op(ABC):
     ndim_change: ClassVar[int] = 0
     #: the input holds integer ids (an embedding lookup): it cannot be quantized
     integer_input: ClassVar[bool] = False
+    #: the op is one matrix product plus bias ``x Wᵀ + b`` (params ``W``, ``b``) that an
+    #: integer kernel accumulates (Linear): hardware-gap sources apply to it
+    integer_matmul: ClassVar[bool] = False
+    #: ``op(Q(u)) = Q(op(u))`` for a symmetric integer grid ``Q`` (ReLU, identity, shape
+    #: ops): a requantization before the op is the one after it
+    commutes_with_requantization: ClassVar[bool] = False
+
+    def macs(self, shape: tuple[int, ...]) -> int:
+        """Multiply-adds of one forward on an input of ``shape`` that involve the op's
+        weights (the bit-ops cost of ``allocate_bits(cost="bitops")``); 0 by default."""
+        return 0
 
     def __init__(self, name: str | None = None) -> None:
         check_local_name(name)

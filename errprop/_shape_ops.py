@@ -27,6 +27,8 @@ class Reshape(Op):
     """Replace the last ``axes`` axes by ``shape`` (one entry may be ``-1``): split heads
     with ``Reshape((heads, head_dim))``, merge them back with ``Reshape((d,), axes=2)``."""
 
+    commutes_with_requantization = True
+
     prefix = "reshape"
 
     def __init__(self, shape: Sequence[int], *, axes: int = 1, name: str | None = None) -> None:
@@ -96,6 +98,8 @@ class Transpose(Op):
     """Permute the last ``len(perm)`` axes: ``Transpose((1, 0, 2))`` turns
     ``(batch, tokens, heads, head_dim)`` into ``(batch, heads, tokens, head_dim)``."""
 
+    commutes_with_requantization = True
+
     prefix = "transpose"
 
     def __init__(self, perm: Sequence[int], *, name: str | None = None) -> None:
@@ -141,6 +145,8 @@ class Transpose(Op):
 @structural_unary
 class Slice(Op):
     """``x[..., start:stop]`` along a (negative) ``axis``: one part of a split."""
+
+    commutes_with_requantization = True
 
     prefix = "slice"
 

@@ -297,14 +297,20 @@ def test_unsupported_nodes_are_all_listed(rng):
     assert "'leaky'" in msg and "'mix'" in msg and "'scale_input'" in msg, msg
 
 
-def test_parallel_branches_are_rejected(rng):
+def test_parallel_branches_become_a_graph(rng):
+    """Two branches from one input added (no residual) import as an Add merge of a Graph;
+    its forward is the NumPy computation of the ONNX nodes."""
     inits = {"W": rng.normal(size=(4, 4)), "W2": rng.normal(size=(4, 4))}
     N = helper.make_node
     nodes = [N("MatMul", ["x", "W"], ["a"], name="left"), N("Relu", ["a"], ["b"], name="r"),
              N("MatMul", ["x", "W2"], ["c"], name="right"), N("Add", ["b", "c"], ["y"],
                                                               name="join")]
-    with pytest.raises(ValueError, match="'join' joins two parallel branches"):
-        ep.from_onnx(_model(nodes, inits, [3, 4], "y"))
+    net = ep.from_onnx(_model(nodes, inits, [3, 4], "y"))
+    assert isinstance(net, ep.Graph)
+    assert [i.kind for i in net.nodes()].count("Add") == 1
+    x = rng.normal(size=(3, 4))
+    ref = np.maximum(x @ inits["W"], 0) + x @ inits["W2"]
+    np.testing.assert_allclose(net(x), ref, rtol=1e-6, atol=1e-6)  # float32 initializers
 
 
 def test_bad_arguments(tmp_path):
