@@ -26,6 +26,7 @@ from ._merge import Merge
 from ._op import Array, Op
 from ._passes import require_rules
 from ._report import SourceResult
+from ._shared import shared_roundings
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,11 @@ class _Probe:
 
     def __init__(self, forward: Mapping[str, tuple[Array, Array]],
                  by_layer: Mapping[str, list[SourceResult]], probes: int,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, shared: Mapping[str, str] | None = None) -> None:
         self.forward = forward
+        self.shared = dict(shared or {})  # member source -> first source of one rounding
+        self.firsts = set(self.shared.values())
+        self.drawn: dict[str, Array] = {}
         self.by_layer = by_layer
         self.P = probes
         self.rng = rng
@@ -109,7 +113,14 @@ class _Probe:
         sources = self.by_layer.get(name, [])
         for src in sources:
             if src.source.param is None:
-                t = self.draw(src) if t is None else t + self.draw(src)
+                first = self.shared.get(src.name)
+                if first is None:  # its own rounding (kept for the layers that share it)
+                    row = self.draw(src)
+                    if src.name in self.firsts:
+                        self.drawn[src.name] = row
+                else:  # the same rounding as an earlier reader of this value
+                    row = self.drawn[first]
+                t = row if t is None else t + row
         _, rule = op.linearize(x)
         dy = None if t is None else rule(t, {})
         for src in sources:
@@ -138,7 +149,8 @@ def node_statistics(net: Sequential, x: Array, forward: Mapping[str, tuple[Array
     for s in sources.values():
         if s.source.layer is not None:
             by_layer.setdefault(s.source.layer, []).append(s)
-    interp = _Probe(forward, by_layer, int(probes), np.random.default_rng(seed))
+    interp = _Probe(forward, by_layer, int(probes), np.random.default_rng(seed),
+                    shared_roundings(net, sources))
     t0 = interp.draw(sources["input"]) if "input" in sources else None
     walk(net, (x, t0), interp)
     return interp.nodes

@@ -34,6 +34,7 @@ from scipy import special
 from ._graph import Sequential, walk_backward
 from ._merge import Merge
 from ._network import forward_pairs
+from ._shared import shared_roundings
 from ._op import Array, Op, Outer
 from ._passes import require_rules
 from ._quant import ErrorModel
@@ -134,6 +135,7 @@ def output_statistics(net: Sequential, y: Array, forward: Mapping[str, tuple[Arr
             f"error bars at every node (the output included), analyze fewer inputs, or raise "
             f"analyze(..., statistics_work_limit=...)")
     require_rules(net, "exact output statistics", "vjp")
+    shared = shared_roundings(net, sources)  # member -> first source of one rounding
     per_pair = max(sum(int(x.size // B) for x in xs) + int(o.size // B)
                    for xs, o in forward_pairs(forward))
     if any(x.ndim > 2 for xs, _ in forward_pairs(forward) for x in xs):
@@ -152,6 +154,7 @@ def output_statistics(net: Sequential, y: Array, forward: Mapping[str, tuple[Arr
             g = np.zeros((kc, nb, K))
             g[np.arange(kc), :, k0 + np.arange(kc)] = 1.0
             g = g.reshape(kc, nb, *out_shape)
+            pending: dict[str, Array] = {}  # first source -> its members' summed cotangents
 
             def leaf(name: str, op: Op, g_out: Array) -> Array:
                 x, yl = forward[name]
@@ -161,8 +164,12 @@ def output_statistics(net: Sequential, y: Array, forward: Mapping[str, tuple[Arr
                 for s in here:
                     if s.source.param is not None:
                         _accumulate(acc[s.name], gparams[s.source.param], s, None, k0, rows)
+                    elif s.name in shared:  # one rounding: add before squaring
+                        first = shared[s.name]
+                        pending[first] = gx if first not in pending else pending[first] + gx
                     else:
-                        _accumulate(acc[s.name], gx, s, rows, k0, rows)
+                        _accumulate(acc[s.name], gx + pending.pop(s.name) if s.name in pending
+                                    else gx, s, rows, k0, rows)
                 return gx
 
             def merge(name: str, op: Merge, g_out: Array) -> list[Array]:

@@ -162,15 +162,14 @@ def test_concat_of_two_layers_matches_closed_form(rng):
 
 # ------------------------------------------------------------------ (b) SwiGLU, first order
 def _swiglu_case(kind, granularity):
-    """W8A8 without two first-order sources of one rounding: ``analyze``'s statistics take
-    sources as independent (gate.in and up.in round one value: Monte Carlo shares them).
-    The MLP quantizes its input once (gate.in and up.in then round nothing); the
-    transformer leaves its up projections' input unquantized."""
+    """W8A8 (weights and every layer input), SwiGLU MLP and SwiGLU transformer. gate.in and
+    up.in round the same value alike: Monte Carlo samples that rounding once, and the
+    analytic statistics take the two sources as one variable (errprop._shared)."""
     if kind == "mlp":
         net, x = dm.swiglu_mlp(), np.random.default_rng(2).standard_normal((4, 5, 8))
-        return net, x, _w8a8(granularity, input=ep.Uniform(8))
+        return net, x, _w8a8(granularity)
     net, x = dm.swiglu_transformer(), np.random.default_rng(2).standard_normal((2, 5, 8))
-    return net, x, _w8a8(granularity, overrides={"*.up": {"activations": None}})
+    return net, x, _w8a8(granularity)
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
@@ -184,15 +183,23 @@ def test_first_order_statistics_inside_the_monte_carlo_interval(kind, granularit
 
 
 def test_first_order_statistics_take_one_rounding_for_two_sources():
-    # Without input quantization, gate.in and up.in are one rounding of x read by two
-    # layers: Monte Carlo samples it once (as the real network, and analyze's exact
-    # run, round it); analyze's statistics add their variances as if independent and
-    # miss the covariance, here outside the 99% interval.
+    # Without the shared rounding, gate.in and up.in taken as independent would miss the
+    # covariance: the sum of the two sources' variances lies outside Monte Carlo's 99%
+    # interval, while errprop's statistics (one variable) lie inside it.
     net, x = dm.swiglu_mlp(), np.random.default_rng(2).standard_normal((4, 5, 8))
     cfg = _w8a8()
     a = ep.analyze(net, x, cfg)
     r = monte_carlo(net, x, cfg, 4000, seed=5, quantiles=())
-    assert a.mse < r.mse_ci[0]
+    assert r.mse_ci[0] <= a.mse <= r.mse_ci[1]
+    assert not np.any(a.statistics.var_contributions["up.in"])
+    # the independent-sources figure: each reader's variance alone (the other reader's
+    # input left unquantized), Var(J_g e) + Var(J_u e) in place of Var((J_g + J_u) e)
+    g_only = ep.analyze(net, x, _w8a8(overrides={"up": {"activations": None}}))
+    u_only = ep.analyze(net, x, _w8a8(overrides={"gate": {"activations": None}}))
+    independent = a.mse - a.statistics.var_contributions["gate.in"].mean() + \
+        g_only.statistics.var_contributions["gate.in"].mean() + \
+        u_only.statistics.var_contributions["up.in"].mean()
+    assert independent < r.mse_ci[0]
 
 
 # ------------------------------------------------------------------ (b) a NumPy loop

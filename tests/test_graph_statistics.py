@@ -115,10 +115,37 @@ def jacobians(forward, report, h=1e-6):
     return out
 
 
-def reference_statistics(report, jac):
+def one_roundings(report, net):
+    """``member -> first``: activation sources on layers that read the same value, with
+    the same recipe and deterministic rounding, whose errors are identical arrays (one
+    rounding of one tensor, as a kernel that quantizes the value once): decided here from
+    the graph and the errors, independently of errprop's grouping."""
+    reads = {n.name: n.inputs[0] for n in net.dag()}
+    firsts, out = {}, {}
+    for name, r in report.sources.items():
+        src = r.source
+        if src.kind != "activation" or src.quantizer.rounding == "stochastic":
+            continue
+        seen = firsts.setdefault(reads[src.layer], [])
+        match = [f for f in seen if f.source.quantizer == src.quantizer
+                 and np.array_equal(f.error, r.error)]
+        if match:
+            out[name] = match[0].source.name
+        else:
+            seen.append(r)
+    return out
+
+
+def reference_statistics(report, jac, net=None):
     """Per source: ``Σ_e J² v``, ``Σ_e J m``, ``Σ_e |J| a`` (independent elements and
-    sources, each with the model errprop fitted), output-shaped."""
+    sources, each with the model errprop fitted), output-shaped. With ``net``, sources that
+    are one rounding (:func:`one_roundings`) are one variable: their Jacobians add, and the
+    first source of the group carries it (the others get zeros)."""
     shape = report.output.shape
+    jac = dict(jac)
+    for member, first in (one_roundings(report, net) if net is not None else {}).items():
+        jac[first] = jac[first] + jac[member]
+        jac[member] = np.zeros_like(jac[member])
     var, mean, worst = {}, {}, {}
     for name, J in jac.items():
         m = report.sources[name].model
@@ -174,9 +201,12 @@ def test_swiglu_statistics_match_a_numpy_reference():
     net, x, report = build("swiglu")
     np.testing.assert_allclose(swiglu_numpy(net, x, []), report.output, rtol=1e-13, atol=1e-14)
     var, mean, worst = reference_statistics(
-        report, jacobians(lambda errs: swiglu_numpy(net, x, errs), report))
+        report, jacobians(lambda errs: swiglu_numpy(net, x, errs), report), net)
     floor = [k for k, r in report.sources.items() if r.source.quantizer.rounding == "floor"]
-    assert len(floor) == 4 and all(np.max(np.abs(mean[k])) > 1e-4 for k in floor)  # biased
+    members = one_roundings(report, net)
+    assert members == {"up.in": "gate.in"}  # gate and up round the same x alike
+    assert len(floor) == 4 and all(np.max(np.abs(mean[k])) > 1e-4
+                                   for k in floor if k not in members)  # biased
     check_statistics(report, var, mean, worst)
 
 
@@ -185,7 +215,7 @@ def test_statistics_match_a_finite_difference_reference(model):
     net, x, report = build(model)
     np.testing.assert_allclose(graph_forward(net, x), report.output, rtol=1e-13, atol=1e-14)
     var, mean, worst = reference_statistics(
-        report, jacobians(lambda errs: graph_forward(net, x, errs), report))
+        report, jacobians(lambda errs: graph_forward(net, x, errs), report), net)
     check_statistics(report, var, mean, worst)
 
 
@@ -251,15 +281,16 @@ def test_decomposed_attention_activation_sources_add_up_to_the_fused_one():
     eq(sum(sd.mean_contributions[k] for k in IN_SOURCES), sf.mean_contributions["attn.in"])
     assert np.max(np.abs(sf.mean_contributions["attn.in"])) > 1e-4
     eq(rd.mean, rf.mean)
-    # the variance of a sum is not the sum of the variances: the statistics take q.in,
-    # k.in and v.in as independent sources (they are one rounding of x), so the decomposed
-    # std/MSE differ from the fused ones (each is its own model's, as the finite-difference
-    # test above checks for both graphs); only the worst case orders them
-    worst_in = sum(sd.worst_contributions[k] for k in IN_SOURCES)
-    assert np.all(sf.worst_contributions["attn.in"] <= worst_in * (1 + 1e-12))
-    var_in = sum(sd.var_contributions[k] for k in IN_SOURCES)
-    assert np.max(np.abs(var_in - sf.var_contributions["attn.in"])) > \
-        1e-3 * np.max(sf.var_contributions["attn.in"])
+    # q.in, k.in and v.in are one rounding of x (same recipe, nearest/floor): the
+    # statistics take them as one variable carried by q.in, so the decomposed graph's
+    # variance, worst case and MSE equal the fused op's single attn.in source
+    eq(sd.var_contributions["q.in"], sf.var_contributions["attn.in"])
+    eq(sd.worst_contributions["q.in"], sf.worst_contributions["attn.in"])
+    for k in ("k.in", "v.in"):
+        assert not np.any(sd.var_contributions[k]) and not np.any(sd.worst_contributions[k])
+    eq(rd.std, rf.std)
+    eq(rd.worst_case, rf.worst_case)
+    assert rd.mse == pytest.approx(rf.mse, rel=1e-10)
 
 
 @pytest.mark.parametrize("configs", [(FUSED_CONFIG, FUSED_CONFIG), (ACT_FUSED, ACT_DEC)],
